@@ -91,8 +91,8 @@ class Phi3VImageEmbedding(nn.Module):
             self._hd_layout(image_crops, rows, cols)
             for image_crops, (rows, cols) in zip(merged.split(crops_per_image), grids)
         ]
-        tokens = torch.cat(tokens)
-        return self.img_projection(tokens.to(self.img_projection[0].weight.dtype))
+        # glb_GN carries the model's compute dtype even when the projector's Linear layers are 4-bit.
+        return self.img_projection(torch.cat(tokens).to(self.glb_GN.dtype))
 
     def _crop_grids(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> list[tuple[int, int]]:
         if pixel_values.dim() != 5 or len(pixel_values) != len(image_sizes):

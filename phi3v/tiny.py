@@ -142,13 +142,14 @@ def tiny_config(vocab_size: int, pad_token_id: int, crop_size: int, patch_size: 
         tie_word_embeddings=False,
         architectures=["Phi3VForCausalLM"],
         img_processor={
-            "image_dim_out": 32,
+            "image_dim_out": 64,
             "model_name": "tiny-clip",
             "name": "clip_vision_model",
             "num_img_tokens": (crop_size // patch_size // 2) ** 2,
             "clip_config": {
-                "hidden_size": 32,
-                "intermediate_size": 64,
+                # every Linear's input width is a multiple of 64, which 4-bit kernels on the CPU need
+                "hidden_size": 64,
+                "intermediate_size": 128,
                 "num_hidden_layers": 3,
                 "num_attention_heads": 2,
                 "image_size": crop_size,

@@ -1,0 +1,127 @@
+"""Turn the UCF-101 subset's videos into 8 frames each plus conversation jsonl files.
+
+    python convert_ucf101.py --out_dir ./ucf101                    # downloads sayakpaul/ucf101-subset
+    python convert_ucf101.py --video_dir DIR --out_dir ./ucf101    # DIR holds UCF101_subset/{train,val,test}
+
+Output: out_dir/images/<split>/<Class>/<video>.<k>.jpg (k = 0..7) and out_dir/ucf101_<split>.jsonl, one
+line per video: {"id": "<split>-<10-digit index>", "source": "ucf101", "conversations": [{"images":
+[8 paths relative to images/], "user": "Classify the video into one of the following classes: ...",
+"assistant": "<Class>"}]}. Videos are taken in sorted order (train, val, test), so ids are stable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import av
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+SPLITS = ("train", "val", "test")
+FRAMES_PER_VIDEO = 8
+
+
+def frame_indices(total_frames: int, count: int = FRAMES_PER_VIDEO) -> list[int]:
+    """Evenly spaced from frame 0, as np.arange(0, T, T / 8) in the original; always exactly `count`
+    (the original could yield 9 through float rounding, or fewer frames for clips under 8 frames)."""
+    return np.arange(0, total_frames, total_frames / count).astype(int)[:count].tolist()
+
+
+def read_frames(video: Path, count: int = FRAMES_PER_VIDEO) -> list[Image.Image]:
+    """Decode the clip with PyAV from the start, keeping the frames at ``frame_indices``.
+
+    The frame count comes from the stream header, as in the original; when the header has none, the
+    frames are counted by decoding once first."""
+    with av.open(str(video)) as container:
+        total = container.streams.video[0].frames or sum(1 for _ in container.decode(video=0))
+        if total < 1:
+            raise ValueError(f"{video}: no video frames could be decoded.")
+        wanted = frame_indices(total, count)
+        container.seek(0)
+        kept: dict[int, Image.Image] = {}
+        for position, frame in enumerate(container.decode(video=0)):
+            if position in wanted:
+                kept[position] = frame.to_image()
+            if position >= wanted[-1]:
+                break
+    missing = [i for i in wanted if i not in kept]
+    if missing:
+        raise ValueError(f"{video}: the header promises {total} frames but frames {missing} could not be decoded.")
+    return [kept[i] for i in wanted]
+
+
+def find_subset_root(video_dir: Path) -> Path:
+    for root in (video_dir / "UCF101_subset", video_dir):
+        if all((root / split).is_dir() for split in SPLITS):
+            return root
+    raise FileNotFoundError(f"--video_dir {video_dir}: expected UCF101_subset/{{train,val,test}}/<Class>/*.avi in it.")
+
+
+def download_subset(tmp_dir: Path) -> Path:
+    """Fetch and unpack the subset the original uses (needs network access)."""
+    from huggingface_hub import hf_hub_download
+
+    from phi3v.data import require_local_or_reachable
+
+    require_local_or_reachable(
+        "sayakpaul/ucf101-subset", "--video_dir", "pass --video_dir with UCF101_subset/{train,val,test} in it "
+        "(`python -m phi3v.synthetic ucf101 --out DIR` writes a synthetic one)."
+    )  # fmt: skip
+    tmp_dir.mkdir(parents=True)
+    archive = hf_hub_download("sayakpaul/ucf101-subset", "UCF101_subset.tar.gz", repo_type="dataset")
+    with tarfile.open(archive) as tar:
+        tar.extractall(tmp_dir, filter="data")
+    return find_subset_root(tmp_dir)
+
+
+def convert(subset_root: Path, out_dir: Path, show_progress: bool = True) -> dict[str, int]:
+    """Write frames and jsonl files; returns the number of videos per split."""
+    videos = {split: sorted((subset_root / split).glob("*/*.avi")) for split in SPLITS}
+    classes = sorted({video.parent.name for split in SPLITS for video in videos[split]})
+    if not classes:
+        raise FileNotFoundError(f"{subset_root}: no .avi videos under {'/'.join(SPLITS)}/<Class>/.")
+    prompt = "Classify the video into one of the following classes: " + ", ".join(classes) + "."
+    index = 0
+    for split in SPLITS:
+        with open(out_dir / f"ucf101_{split}.jsonl", "w") as jsonl:
+            for video in tqdm(videos[split], desc=f"{split} videos", disable=not show_progress):
+                relative = Path(split) / video.parent.name
+                (out_dir / "images" / relative).mkdir(parents=True, exist_ok=True)
+                paths = []
+                for k, frame in enumerate(read_frames(video)):
+                    path = relative / f"{video.stem}.{k}.jpg"
+                    frame.save(out_dir / "images" / path)
+                    paths.append(path.as_posix())
+                turn = {"images": paths, "user": prompt, "assistant": video.parent.name}
+                record = {"id": f"{split}-{index:010d}", "source": "ucf101", "conversations": [turn]}
+                jsonl.write(json.dumps(record) + "\n")
+                index += 1
+    return {split: len(videos[split]) for split in SPLITS}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--video_dir", type=Path, help="(new) local UCF101_subset (or its parent); skips the download")
+    parser.add_argument("--tmp_dir", type=Path, default=Path("/tmp/ucf101"), help="download folder; must not exist")
+    parser.add_argument("--out_dir", type=Path, default=Path("./ucf101"), help="output folder")
+    args = parser.parse_args()
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    if args.video_dir is not None:
+        counts = convert(find_subset_root(args.video_dir), args.out_dir)
+    elif args.tmp_dir.exists():
+        parser.error(f"--tmp_dir {args.tmp_dir} already exists; remove it or pick another (it is deleted afterwards).")
+    else:
+        try:
+            counts = convert(download_subset(args.tmp_dir), args.out_dir)
+        finally:
+            shutil.rmtree(args.tmp_dir, ignore_errors=True)
+    print(f"Wrote {counts} videos as {FRAMES_PER_VIDEO} frames each to {args.out_dir}")
+
+
+if __name__ == "__main__":
+    main()

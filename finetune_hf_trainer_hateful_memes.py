@@ -1,0 +1,36 @@
+"""Finetune Phi-3.5-vision on Hateful Memes; the metric is exact-match accuracy.
+
+Data: the_cauldron's hateful_memes config (images: one meme, texts[0]: the question and "yes"/"no").
+The Cauldron has only a train split: the first --eval_size rows are held out for evaluation.
+
+    torchrun --nproc_per_node=4 finetune_hf_trainer_hateful_memes.py --bf16 --use_flash_attention
+    python finetune_hf_trainer_hateful_memes.py --model_name_or_path /tmp/tiny --dataset_name_or_path /tmp/hm \\
+        --eval_size 8 --use_lora --num_crops 1 --batch_size 2 --max_steps 2 --output_dir /tmp/out_hm
+"""
+
+from dataclasses import dataclass
+
+from phi3v.args import CAULDRON, RecipeArguments, flag, parse_args
+from phi3v.data import Conversation, Turn, load_cauldron_splits
+from phi3v.recipe import Task, run_recipe
+
+
+@dataclass
+class HatefulMemesArguments(RecipeArguments):
+    dataset_name_or_path: str = flag(CAULDRON, "the_cauldron (config hateful_memes)")
+    eval_size: int = flag(500, "(new flag, original value) leading train rows held out for evaluation")
+
+
+def load_splits(args: HatefulMemesArguments):
+    return load_cauldron_splits(args.dataset_name_or_path, "hateful_memes", args.eval_size)
+
+
+def conversation(row) -> Conversation:
+    qa = row["texts"][0]
+    return Conversation([Turn(qa["user"], qa["assistant"], row["images"][:1])])
+
+
+TASK = Task(metric="accuracy", load_splits=load_splits, train_conversation=conversation, eval_conversation=conversation)
+
+if __name__ == "__main__":
+    run_recipe(TASK, parse_args(HatefulMemesArguments))

@@ -1,0 +1,36 @@
+"""Finetune Phi-3.5-vision on UCF-101 clips (8 frames per sample); the metric is exact-match accuracy.
+
+Data: the folder written by convert_ucf101.py (--data_dir): ucf101_train.jsonl and ucf101_val.jsonl,
+frames under images/. The same jsonl format holds any custom multi-turn, multi-image dataset (README).
+
+    python convert_ucf101.py --out_dir ./ucf101
+    torchrun --nproc_per_node=4 finetune_hf_trainer_ucf101.py --data_dir ./ucf101 --bf16 --use_flash_attention
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from phi3v.args import RecipeArguments, flag, parse_args
+from phi3v.data import jsonl_conversation, load_jsonl_conversations
+from phi3v.recipe import Task, run_recipe
+
+
+@dataclass
+class UCF101Arguments(RecipeArguments):
+    data_dir: str = flag(None, "folder written by convert_ucf101.py", required=True)
+    num_crops: int = flag(4, "maximum crops per frame (4 for videos, to save memory)")
+
+
+def load_splits(args: UCF101Arguments):
+    data_dir = Path(args.data_dir)
+    image_dir = data_dir / "images"
+    return (
+        load_jsonl_conversations(data_dir / "ucf101_train.jsonl", image_dir),
+        load_jsonl_conversations(data_dir / "ucf101_val.jsonl", image_dir),
+    )
+
+
+TASK = Task(metric="accuracy", load_splits=load_splits, train_conversation=jsonl_conversation, eval_conversation=jsonl_conversation)
+
+if __name__ == "__main__":
+    run_recipe(TASK, parse_args(UCF101Arguments))

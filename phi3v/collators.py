@@ -1,0 +1,67 @@
+"""Batching: right padding for training, left padding for generation.
+
+Padding positions are found from the sequence lengths, never by comparing ids with the pad id. The
+original built ``attention_mask = input_ids != pad_id`` with pad = ``<|endoftext|>``, the token that
+also closes every answer, so each answer's last token was masked out of attention (spec §1.5). Here
+that token is attended to like any other; only real padding is masked.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .data import IGNORE_INDEX
+
+
+def pad(sequences: list[torch.Tensor], value: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack 1-D tensors into [B, L_max] padded with ``value`` on ``side``; also return the 0/1 mask."""
+    longest = max(len(s) for s in sequences)
+    batch = torch.full((len(sequences), longest), value, dtype=sequences[0].dtype)
+    mask = torch.zeros((len(sequences), longest), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        span = slice(0, len(sequence)) if side == "right" else slice(longest - len(sequence), longest)
+        batch[row, span] = sequence
+        mask[row, span] = 1
+    return batch, mask
+
+
+def _images(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    # The model fills placeholders in row-major order, so images are concatenated in example order.
+    with_images = [e for e in examples if "pixel_values" in e]
+    if not with_images:
+        return {}
+    return {
+        "pixel_values": torch.cat([e["pixel_values"] for e in with_images]),
+        "image_sizes": torch.cat([e["image_sizes"] for e in with_images]),
+    }
+
+
+class TrainCollator:
+    """input_ids and labels padded on the right (labels with -100), attention_mask, pixels."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        input_ids, attention_mask = pad([e["input_ids"] for e in examples], self.pad_token_id, "right")
+        labels, _ = pad([e["labels"] for e in examples], IGNORE_INDEX, "right")
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, **_images(examples)}
+
+
+class EvalCollator:
+    """Prompts padded on the left for ``generate``, with their dataset indices and reference answers."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        input_ids, attention_mask = pad([e["input_ids"] for e in examples], self.pad_token_id, "left")
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            **_images(examples),
+            "indices": [e["index"] for e in examples],
+            "answers": [e["answers"] for e in examples],
+        }

@@ -1,0 +1,218 @@
+"""Model loading, LoRA/QLoRA, freezing, the HF Trainer setup, saving and reloading for evaluation.
+
+Training arguments are the original's fixed values (spec §1.6), with the user-facing knobs as flags.
+Full finetuning runs on DeepSpeed ZeRO-2 (``ds_configs/zero2.json``) as in the original; LoRA and
+QLoRA run on plain DDP. torchrun sets up one or many nodes; without torchrun a single process runs.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import socket
+from pathlib import Path
+
+import torch
+from accelerate import PartialState
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, AutoProcessor, BitsAndBytesConfig, Trainer, TrainingArguments
+
+from .args import RecipeArguments
+from .collators import TrainCollator
+from .data import require_local_or_reachable
+from .modeling import Phi3VForCausalLM
+
+logger = logging.getLogger(__name__)
+
+# The original's fixed optimiser settings (spec §1.6).
+ADAM_BETAS = (0.9, 0.95)
+ADAM_EPSILON = 1e-7
+MAX_GRAD_NORM = 1.0
+
+# LoRA targets (spec §1.9), matched as module-name suffixes.
+LANGUAGE_LORA_TARGETS = ("qkv_proj", "o_proj", "down_proj", "gate_up_proj", "lm_head")
+VISION_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2", "img_projection.0", "img_projection.2")
+
+MODEL_OFFLINE_HINT = "`python -m phi3v.tiny --out DIR` writes a tiny checkpoint, or download the official one once."
+
+
+def setup_distributed(args: RecipeArguments) -> PartialState:
+    """One process group for the whole run (torchrun's env, or a single local process).
+
+    DeepSpeed needs the torch.distributed variables even for one process, and on a machine without
+    CUDA accelerate must be told to use DeepSpeed over gloo before TrainingArguments builds its state
+    (otherwise it believes there is one process).
+    """
+    if args.uses_deepspeed and "RANK" not in os.environ:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if not args.uses_deepspeed:
+        return PartialState()
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    try:
+        return PartialState(backend=None if torch.cuda.is_available() else "gloo")
+    finally:
+        del os.environ["ACCELERATE_USE_DEEPSPEED"]
+
+
+def load_processor(args: RecipeArguments):
+    require_local_or_reachable(args.model_name_or_path, "--model_name_or_path", MODEL_OFFLINE_HINT)
+    with PartialState().local_main_process_first():
+        return AutoProcessor.from_pretrained(
+            args.model_name_or_path, num_crops=args.num_crops, trust_remote_code=args.trust_remote_code
+        )
+
+
+def load_model(args: RecipeArguments, quantize: bool = False) -> Phi3VForCausalLM:
+    """The model on this rank's device: bf16 + flash attention with --use_flash_attention, else fp32
+    (fp16 mixed precision needs fp32 master weights, as the original notes); 4-bit nf4 for QLoRA."""
+    require_local_or_reachable(args.model_name_or_path, "--model_name_or_path", MODEL_OFFLINE_HINT)
+    state = PartialState()
+    kwargs = {
+        "dtype": torch.bfloat16 if args.use_flash_attention else torch.float32,
+        "attn_implementation": "flash_attention_2" if args.use_flash_attention else "sdpa",
+        "trust_remote_code": args.trust_remote_code,
+    }
+    if quantize:
+        compute_dtype = torch.bfloat16 if args.use_flash_attention else torch.float16
+        if state.device.type == "cpu":
+            compute_dtype = torch.float32  # fp16 kernels are GPU-only
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype
+        )
+        kwargs["device_map"] = {"": state.device}
+    with state.local_main_process_first():
+        model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, **kwargs)
+    if quantize and state.device.type == "cpu":
+        _keep_cpu_4bit_weights_trainable(model)
+    return model if quantize else model.to(state.device)
+
+
+def _keep_cpu_4bit_weights_trainable(model: torch.nn.Module) -> None:
+    """bitsandbytes repacks 4-bit weights for fast CPU inference the first time a layer runs in eval
+    mode, and its training path then fails on the repacked weights. The evaluation before training
+    would trigger that, so the repacking is switched off (CPU runs only; GPUs never repack)."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def freeze_unused_vision_parameters(model: Phi3VForCausalLM) -> None:
+    """CLIP's last layer and post_layernorm never run (features come from layer -2): freeze them so
+    DDP and DeepSpeed, which run without unused-parameter detection, see no parameter without a gradient."""
+    for parameter in model.model.vision_embed_tokens.img_processor.unused_parameters():
+        parameter.requires_grad_(False)
+
+
+def freeze_vision_tower(model: Phi3VForCausalLM) -> None:
+    """--freeze_vision_model: CLIP, the projector and the separators.
+
+    The original froze ``vision_embed_tokens``, which also held a reference to the token embeddings,
+    so it froze them too by accident; here the token embeddings stay trainable (see README).
+    """
+    model.model.vision_embed_tokens.requires_grad_(False)
+
+
+def lora_target_modules(model: Phi3VForCausalLM, include_vision: bool) -> list[str]:
+    """Full names of the Linear layers LoRA adapts: the decoder and lm_head, plus the used CLIP layers
+    and the projector unless the vision tower is frozen."""
+    tower = model.model.vision_embed_tokens.img_processor
+    unused = {id(p) for p in tower.unused_parameters()}
+    names = []
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) and module.__class__.__name__ != "Linear4bit":
+            continue
+        is_vision = name.startswith("model.vision_embed_tokens.")
+        targets = VISION_LORA_TARGETS if is_vision else LANGUAGE_LORA_TARGETS
+        if is_vision and (not include_vision or id(module.weight) in unused):
+            continue
+        if any(name == t or name.endswith("." + t) for t in targets):
+            names.append(name)
+    return names
+
+
+def apply_lora(model: Phi3VForCausalLM, args: RecipeArguments) -> PeftModel:
+    """Wrap the model with LoRA adapters; only the adapters train. (The original called transformers'
+    ``add_adapter``, which needs peft >= 0.22; the adapters and their saved files are the same.)"""
+    config = LoraConfig(
+        r=args.lora_rank,
+        lora_alpha=round(args.lora_rank * args.lora_alpha_ratio),
+        lora_dropout=args.lora_dropout,
+        target_modules=lora_target_modules(model, include_vision=not args.freeze_vision_model),
+        init_lora_weights="gaussian",
+    )
+    return get_peft_model(model, config)
+
+
+def prepare_for_training(model: Phi3VForCausalLM, args: RecipeArguments) -> Phi3VForCausalLM | PeftModel:
+    freeze_unused_vision_parameters(model)
+    if args.freeze_vision_model:
+        freeze_vision_tower(model)
+    if args.use_lora:
+        model = apply_lora(model, args)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    logger.info("Trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    return model
+
+
+def build_training_args(args: RecipeArguments, accumulation_steps: int) -> TrainingArguments:
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu:
+        logger.warning("No GPU: training runs in fp32 on the CPU (fp16/bf16 mixed precision need a GPU here).")
+    return TrainingArguments(
+        output_dir=args.output_dir,
+        num_train_epochs=args.num_train_epochs,
+        max_steps=args.max_steps,
+        per_device_train_batch_size=args.batch_size_per_gpu,
+        gradient_accumulation_steps=accumulation_steps,
+        activation_checkpointing=True,  # gradient checkpointing, renamed in transformers 5
+        activation_checkpointing_kwargs={"use_reentrant": False},  # needed for LoRA (frozen inputs)
+        optim="adamw_torch",
+        adam_beta1=ADAM_BETAS[0],
+        adam_beta2=ADAM_BETAS[1],
+        adam_epsilon=ADAM_EPSILON,
+        learning_rate=args.learning_rate,
+        weight_decay=args.wd,
+        max_grad_norm=MAX_GRAD_NORM,
+        lr_scheduler_type="linear",
+        warmup_steps=args.warmup_steps,
+        logging_steps=args.logging_steps,
+        save_strategy="no",
+        bf16=on_gpu and args.bf16,
+        fp16=on_gpu and not args.bf16,
+        use_cpu=not on_gpu,
+        remove_unused_columns=False,
+        report_to="none",
+        deepspeed=args.deepspeed if args.uses_deepspeed else None,
+        accelerator_config={"use_configured_state": True} if args.uses_deepspeed else None,
+        disable_tqdm=args.no_tqdm,
+        ddp_find_unused_parameters=False,
+        seed=args.seed,
+    )
+
+
+def train_and_save(model, processor, train_dataset, args: RecipeArguments, accumulation_steps: int) -> Phi3VForCausalLM:
+    """Train, save the model (adapters only for LoRA) and the processor to --output_dir, and return the
+    trained model without its DDP/DeepSpeed wrapper."""
+    trainer = Trainer(
+        model=model,
+        args=build_training_args(args, accumulation_steps),
+        train_dataset=train_dataset,
+        data_collator=TrainCollator(processor.tokenizer.pad_token_id),
+    )
+    trainer.train()
+    trainer.save_model()
+    state = PartialState()
+    if state.is_main_process:
+        processor.save_pretrained(args.output_dir)
+    state.wait_for_everyone()
+    return trainer.accelerator.unwrap_model(trainer.model)
+
+
+def load_lora_for_evaluation(args: RecipeArguments) -> PeftModel:
+    """The unquantized base model with the saved adapters, as the original evaluates after LoRA/QLoRA."""
+    return PeftModel.from_pretrained(load_model(args, quantize=False), args.output_dir).eval()
