@@ -96,7 +96,7 @@ ArgsT = TypeVar("ArgsT", bound=RecipeArguments)
 
 def parse_args(arguments_class: type[ArgsT], argv: list[str] | None = None) -> ArgsT:
     """Parse the command line into ``arguments_class``; unknown flags are an error."""
-    parser = HfArgumentParser(arguments_class)
+    parser = HfArgumentParser(arguments_class, allow_abbrev=False)  # a typo must not pick a flag
     (args,) = parser.parse_args_into_dataclasses(args=argv)
     return args
 

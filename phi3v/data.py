@@ -11,6 +11,7 @@ For evaluation the last turn's answer is left out and becomes the reference.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -134,7 +135,8 @@ def load_hub_dataset(name_or_path: str, config: str | None, split: str, flag: st
     require_local_or_reachable(
         name_or_path, flag, "`python -m phi3v.synthetic <task> --out DIR` writes one in the hub's layout."
     )
-    rows = datasets.load_dataset(name_or_path, config, split=split)
+    cache_dir = _local_cache_dir(Path(name_or_path)) if Path(name_or_path).is_dir() else None
+    rows = datasets.load_dataset(name_or_path, config, split=split, cache_dir=cache_dir)
     missing = [column for column in required if column not in rows.column_names]
     if missing:
         raise ValueError(
@@ -142,6 +144,19 @@ def load_hub_dataset(name_or_path: str, config: str | None, split: str, flag: st
             f"{rows.column_names}. Expected the schema of the hub dataset this recipe reads (see README)."
         )
     return rows
+
+
+def _local_cache_dir(folder: Path) -> str:
+    """A datasets cache folder of its own for a local dataset folder and its current files.
+
+    datasets keys the cache of a local folder by its name and relative file patterns only, so two
+    folders called ``docvqa`` (or one folder whose files were rewritten) would silently share stale rows.
+    """
+    folder = folder.resolve()
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    stamp = [str(folder)] + [f"{p.relative_to(folder)}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files]
+    digest = hashlib.sha256("\n".join(stamp).encode()).hexdigest()[:16]
+    return str(Path(datasets.config.HF_DATASETS_CACHE) / "phi3v-local" / f"{folder.name}-{digest}")
 
 
 def load_cauldron_splits(name_or_path: str, config: str, eval_size: int, images_per_row: int | None = None):

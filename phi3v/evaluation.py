@@ -14,8 +14,8 @@ from pathlib import Path
 
 import Levenshtein
 import torch
+import torch.distributed as dist
 from accelerate import PartialState
-from accelerate.utils import gather_object
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
@@ -70,6 +70,15 @@ def shard_indices(num_samples: int, rank: int, world_size: int) -> list[int]:
     return list(range(rank, num_samples, world_size))
 
 
+def gather_results(results: list[dict]) -> list[dict]:
+    """All ranks' results, concatenated in rank order, on every rank."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return results
+    per_rank: list[list[dict] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(per_rank, results)
+    return [result for rank_results in per_rank for result in rank_results]
+
+
 def restore_order(results: list[dict], num_samples: int) -> list[dict]:
     """Sort gathered results by dataset index and check that each sample appears exactly once."""
     ordered = sorted(results, key=lambda r: r["index"])
@@ -117,7 +126,7 @@ def evaluate(model, processor, dataset, metric: str, batch_size: int, max_new_to
         model, processor, dataset, indices, batch_size, max_new_tokens, show_progress and state.is_main_process
     )
     model.train(was_training)
-    gathered = restore_order(gather_object(results), len(dataset))
+    gathered = restore_order(gather_results(results), len(dataset))
     if not state.is_main_process:
         return None
     predictions = [r["generated_text"] for r in gathered]

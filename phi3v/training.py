@@ -40,20 +40,23 @@ MODEL_OFFLINE_HINT = "`python -m phi3v.tiny --out DIR` writes a tiny checkpoint,
 def setup_distributed(args: RecipeArguments) -> PartialState:
     """One process group for the whole run (torchrun's env, or a single local process).
 
-    DeepSpeed needs the torch.distributed variables even for one process, and on a machine without
-    CUDA accelerate must be told to use DeepSpeed over gloo before TrainingArguments builds its state
-    (otherwise it believes there is one process).
+    The state is built here, before TrainingArguments, and the Trainer is told to use it: on a machine
+    without CUDA, accelerate only sees torchrun's ranks with the gloo backend named explicitly, and for
+    DeepSpeed it must also be told about DeepSpeed up front (otherwise it believes there is one process).
+    DeepSpeed needs the torch.distributed variables even for a single process.
     """
     if args.uses_deepspeed and "RANK" not in os.environ:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    launched = "WORLD_SIZE" in os.environ  # by torchrun, or above for DeepSpeed
+    backend = "gloo" if launched and not torch.cuda.is_available() else None
     if not args.uses_deepspeed:
-        return PartialState()
+        return PartialState(backend=backend)
     os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
     try:
-        return PartialState(backend=None if torch.cuda.is_available() else "gloo")
+        return PartialState(backend=backend)
     finally:
         del os.environ["ACCELERATE_USE_DEEPSPEED"]
 
@@ -188,7 +191,7 @@ def build_training_args(args: RecipeArguments, accumulation_steps: int) -> Train
         remove_unused_columns=False,
         report_to="none",
         deepspeed=args.deepspeed if args.uses_deepspeed else None,
-        accelerator_config={"use_configured_state": True} if args.uses_deepspeed else None,
+        accelerator_config={"use_configured_state": True},  # the state from setup_distributed
         disable_tqdm=args.no_tqdm,
         ddp_find_unused_parameters=False,
         seed=args.seed,

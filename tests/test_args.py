@@ -1,0 +1,57 @@
+"""Recipe flags: original defaults, implications, and early errors."""
+
+import pytest
+
+from phi3v.args import RecipeArguments, gradient_accumulation_steps, parse_args
+
+
+def test_original_defaults():
+    args = parse_args(RecipeArguments, [])
+    assert args.model_name_or_path == "microsoft/Phi-3.5-vision-instruct"
+    assert (args.batch_size, args.num_crops, args.num_train_epochs) == (16, 16, 1)
+    assert (args.learning_rate, args.wd, args.warmup_steps, args.logging_steps) == (4.0e-5, 0.01, 50, 10)
+    assert (args.lora_rank, args.lora_alpha_ratio, args.lora_dropout) == (64, 2.0, 0.0)
+    assert (args.bf16, args.use_lora, args.use_qlora, args.freeze_vision_model) == (False, False, False, False)
+    assert args.output_dir == "./output/" and args.max_new_tokens == 64
+    assert args.deepspeed.endswith("ds_configs/zero2.json") and args.uses_deepspeed
+
+
+def test_implied_flags():
+    args = parse_args(RecipeArguments, ["--use_qlora", "--use_flash_attention"])
+    assert args.use_lora and args.bf16 and not args.uses_deepspeed
+    assert parse_args(RecipeArguments, ["--no-tqdm"]).no_tqdm
+    assert not parse_args(RecipeArguments, ["--deepspeed", "none"]).uses_deepspeed
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--num_crops", "17"], "num_crops"),
+        (["--num_crops", "0"], "num_crops"),
+        (["--batch_size", "0"], "batch_size"),
+        (["--max_eval_samples", "0"], "max_eval_samples"),
+        (["--deepspeed", "missing.json"], "no such file"),
+    ],
+)
+def test_bad_flags_fail_before_anything_loads(argv, message):
+    with pytest.raises(ValueError, match=message):
+        parse_args(RecipeArguments, argv)
+
+
+def test_unknown_flag_is_an_error():
+    with pytest.raises(ValueError, match="not used"):
+        parse_args(RecipeArguments, ["--learning-rat", "1"])
+    with pytest.raises(ValueError, match="not used"):
+        parse_args(RecipeArguments, ["--not_a_flag"])
+
+
+@pytest.mark.parametrize(
+    "batch, world, per_gpu, expected", [(16, 1, 1, 16), (16, 4, 1, 4), (64, 8, 2, 4), (6, 3, 2, 1), (8, 2, 4, 1)]
+)
+def test_gradient_accumulation(batch, world, per_gpu, expected):
+    assert gradient_accumulation_steps(batch, world, per_gpu) == expected
+
+
+def test_gradient_accumulation_must_divide():
+    with pytest.raises(ValueError, match="not a multiple of world size 3 x --batch_size_per_gpu 2 = 6"):
+        gradient_accumulation_steps(16, 3, 2)

@@ -1,0 +1,68 @@
+"""convert_ucf101.py on real encoded clips: frame choice, layout and jsonl fields."""
+
+import json
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+from PIL import Image
+
+from convert_ucf101 import convert, frame_indices, read_frames
+from phi3v.synthetic import UCF101_CLASSES, write_ucf101
+
+
+def test_frame_indices_match_the_original_spacing():
+    assert frame_indices(24) == [0, 3, 6, 9, 12, 15, 18, 21]
+    assert frame_indices(100) == np.arange(0, 100, 100 / 8).astype(int).tolist()
+    assert frame_indices(5) == [0, 0, 1, 1, 2, 3, 3, 4]  # short clips still give 8 frames
+    assert all(len(frame_indices(t)) == 8 for t in range(1, 400))
+
+
+def write_counting_clip(path: Path, frames: int) -> None:
+    """Frame t is a flat grey of level 8*t, so each decoded frame tells its own index."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for t in range(frames):
+            pixels = np.full((48, 64, 3), 8 * t, dtype=np.uint8)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
+        container.mux(stream.encode())
+
+
+@pytest.mark.parametrize("total", [24, 30, 5])
+def test_read_frames_picks_the_spaced_frames(tmp_path, total):
+    clip = tmp_path / "count.avi"
+    write_counting_clip(clip, total)
+    frames = read_frames(clip)
+    assert len(frames) == 8 and all(f.mode == "RGB" and f.size == (64, 48) for f in frames)
+    levels = [np.asarray(f, dtype=float).mean() / 8 for f in frames]
+    assert [round(level) for level in levels] == frame_indices(total)
+
+
+def test_convert_writes_the_original_layout(tmp_path):
+    write_ucf101(tmp_path / "videos", {"train": 2, "val": 1, "test": 1})
+    out = tmp_path / "out"
+    out.mkdir()
+    counts = convert(tmp_path / "videos" / "UCF101_subset", out, show_progress=False)
+    assert counts == {"train": 20, "val": 10, "test": 10}
+    records = {split: [json.loads(line) for line in (out / f"ucf101_{split}.jsonl").read_text().splitlines()]
+               for split in ("train", "val", "test")}  # fmt: skip
+    ids = [r["id"] for split in ("train", "val", "test") for r in records[split]]
+    assert ids == [f"{split}-{i:010d}" for i, split in enumerate(["train"] * 20 + ["val"] * 10 + ["test"] * 10)]
+    prompt = "Classify the video into one of the following classes: " + ", ".join(sorted(UCF101_CLASSES)) + "."
+    for split, split_records in records.items():
+        for record in split_records:
+            (turn,) = record["conversations"]
+            assert record["source"] == "ucf101" and turn["user"] == prompt
+            assert turn["assistant"] in UCF101_CLASSES
+            assert len(turn["images"]) == 8
+            for k, path in enumerate(turn["images"]):
+                assert path.startswith(f"{split}/{turn['assistant']}/") and path.endswith(f".{k}.jpg")
+                with Image.open(out / "images" / path) as frame:
+                    assert frame.format == "JPEG"
+    # sorted input order: the same files give the same jsonl on every run
+    again = tmp_path / "again"
+    again.mkdir()
+    convert(tmp_path / "videos" / "UCF101_subset", again, show_progress=False)
+    assert (again / "ucf101_train.jsonl").read_text() == (out / "ucf101_train.jsonl").read_text()
