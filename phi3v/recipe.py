@@ -85,4 +85,6 @@ def run_recipe(task: Task, args: RecipeArguments) -> dict[str, float | None]:
     after = run_evaluation(model, "eval_after.json")
     if state.is_main_process:
         logger.info("%s before training: %.4f, after training: %.4f", task.metric, before, after)
+    state.wait_for_everyone()
+    state.destroy_process_group()  # a clean exit: gloo threads left running can abort the process
     return {"before": before, "after": after}

@@ -51,9 +51,11 @@ def setup_distributed(args: RecipeArguments) -> PartialState:
             port = probe.getsockname()[1]
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     launched = "WORLD_SIZE" in os.environ  # by torchrun, or above for DeepSpeed
-    backend = "gloo" if launched and not torch.cuda.is_available() else None
+    on_cpu = not torch.cuda.is_available()
+    backend = "gloo" if launched and on_cpu else None
     if not args.uses_deepspeed:
-        return PartialState(backend=backend)
+        # accelerate treats CPU ranks as distributed (MULTI_CPU) only when told cpu=True
+        return PartialState(cpu=on_cpu and launched, backend=backend)
     os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
     try:
         return PartialState(backend=backend)
@@ -201,9 +203,11 @@ def build_training_args(args: RecipeArguments, accumulation_steps: int) -> Train
 def train_and_save(model, processor, train_dataset, args: RecipeArguments, accumulation_steps: int) -> Phi3VForCausalLM:
     """Train, save the model (adapters only for LoRA) and the processor to --output_dir, and return the
     trained model without its DDP/DeepSpeed wrapper."""
+    training_args = build_training_args(args, accumulation_steps)
+    logger.info("Trainer: %s over %d process(es)", training_args.parallel_mode.value, training_args.world_size)
     trainer = Trainer(
         model=model,
-        args=build_training_args(args, accumulation_steps),
+        args=training_args,
         train_dataset=train_dataset,
         data_collator=TrainCollator(processor.tokenizer.pad_token_id),
     )

@@ -4,7 +4,7 @@ import pytest
 
 from phi3v import Phi3VForCausalLM
 from phi3v.args import RecipeArguments, parse_args
-from phi3v.training import build_training_args, lora_target_modules, prepare_for_training
+from phi3v.training import build_training_args, lora_target_modules, prepare_for_training, setup_distributed
 
 VISION = "model.vision_embed_tokens."
 
@@ -51,6 +51,7 @@ def test_lora_trains_only_adapters(model):
 
 def test_training_arguments_keep_the_original_values(tmp_path):
     args = parse_args(RecipeArguments, ["--output_dir", str(tmp_path), "--deepspeed", "none"])
+    setup_distributed(args)
     training = build_training_args(args, accumulation_steps=4)
     assert (training.adam_beta1, training.adam_beta2, training.adam_epsilon) == (0.9, 0.95, 1e-7)
     assert (training.learning_rate, training.weight_decay, training.max_grad_norm) == (4e-5, 0.01, 1.0)
