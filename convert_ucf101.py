@@ -69,9 +69,11 @@ def download_subset(tmp_dir: Path) -> Path:
     from phi3v.data import require_local_or_reachable
 
     require_local_or_reachable(
-        "sayakpaul/ucf101-subset", "--video_dir", "pass --video_dir with UCF101_subset/{train,val,test} in it "
-        "(`python -m phi3v.synthetic ucf101 --out DIR` writes a synthetic one)."
-    )  # fmt: skip
+        "sayakpaul/ucf101-subset",
+        "--video_dir",
+        "pass --video_dir with UCF101_subset/{train,val,test} in it "
+        "(`python -m phi3v.synthetic ucf101 --out DIR` writes a synthetic one).",
+    )
     tmp_dir.mkdir(parents=True)
     archive = hf_hub_download("sayakpaul/ucf101-subset", "UCF101_subset.tar.gz", repo_type="dataset")
     with tarfile.open(archive) as tar:

@@ -30,7 +30,9 @@ def load_splits(args: DocVQAArguments):
     eval_rows = load_hub_dataset(args.dataset_name_or_path, None, "test", flag, mini_columns)
     if args.full_train:
         flag = "--full_train_dataset_name_or_path"
-        return load_hub_dataset(args.full_train_dataset_name_or_path, "docvqa", "train", flag, ["images", "texts"]), eval_rows
+        return load_hub_dataset(
+            args.full_train_dataset_name_or_path, "docvqa", "train", flag, ["images", "texts"]
+        ), eval_rows
     return load_hub_dataset(args.dataset_name_or_path, None, "train", flag, mini_columns), eval_rows
 
 
@@ -47,7 +49,9 @@ def train_conversation(row) -> Conversation:
     return mini_conversation(row)
 
 
-TASK = Task(metric="anls", load_splits=load_splits, train_conversation=train_conversation, eval_conversation=mini_conversation)
+TASK = Task(
+    metric="anls", load_splits=load_splits, train_conversation=train_conversation, eval_conversation=mini_conversation
+)
 
 if __name__ == "__main__":
     run_recipe(TASK, parse_args(DocVQAArguments))

@@ -8,20 +8,12 @@ The Cauldron has only a train split: the first --eval_size rows are held out for
         --eval_size 8 --use_lora --num_crops 1 --batch_size 2 --max_steps 2 --output_dir /tmp/out_hm
 """
 
-from dataclasses import dataclass
-
-from phi3v.args import CAULDRON, RecipeArguments, flag, parse_args
+from phi3v.args import CauldronArguments, parse_args
 from phi3v.data import Conversation, Turn, load_cauldron_splits
 from phi3v.recipe import Task, run_recipe
 
 
-@dataclass
-class HatefulMemesArguments(RecipeArguments):
-    dataset_name_or_path: str = flag(CAULDRON, "the_cauldron (config hateful_memes)")
-    eval_size: int = flag(500, "(new flag, original value) leading train rows held out for evaluation")
-
-
-def load_splits(args: HatefulMemesArguments):
+def load_splits(args: CauldronArguments):
     return load_cauldron_splits(args.dataset_name_or_path, "hateful_memes", args.eval_size)
 
 
@@ -33,4 +25,4 @@ def conversation(row) -> Conversation:
 TASK = Task(metric="accuracy", load_splits=load_splits, train_conversation=conversation, eval_conversation=conversation)
 
 if __name__ == "__main__":
-    run_recipe(TASK, parse_args(HatefulMemesArguments))
+    run_recipe(TASK, parse_args(CauldronArguments))

@@ -9,20 +9,12 @@ original. The first --eval_size rows are held out for evaluation.
         --eval_size 8 --use_lora --num_crops 1 --batch_size 2 --max_steps 2 --output_dir /tmp/out_nlvr2
 """
 
-from dataclasses import dataclass
-
-from phi3v.args import CAULDRON, RecipeArguments, flag, parse_args
+from phi3v.args import CauldronArguments, parse_args
 from phi3v.data import Conversation, Turn, load_cauldron_splits
 from phi3v.recipe import Task, run_recipe
 
 
-@dataclass
-class NLVR2Arguments(RecipeArguments):
-    dataset_name_or_path: str = flag(CAULDRON, "the_cauldron (config nlvr2)")
-    eval_size: int = flag(500, "(new flag, original value) leading train rows held out for evaluation")
-
-
-def load_splits(args: NLVR2Arguments):
+def load_splits(args: CauldronArguments):
     return load_cauldron_splits(args.dataset_name_or_path, "nlvr2", args.eval_size, images_per_row=2)
 
 
@@ -37,7 +29,12 @@ def eval_conversation(row) -> Conversation:
     return Conversation([Turn(first["user"], first["assistant"], list(row["images"]))])
 
 
-TASK = Task(metric="accuracy", load_splits=load_splits, train_conversation=train_conversation, eval_conversation=eval_conversation)
+TASK = Task(
+    metric="accuracy",
+    load_splits=load_splits,
+    train_conversation=train_conversation,
+    eval_conversation=eval_conversation,
+)
 
 if __name__ == "__main__":
-    run_recipe(TASK, parse_args(NLVR2Arguments))
+    run_recipe(TASK, parse_args(CauldronArguments))

@@ -30,7 +30,12 @@ def load_splits(args: UCF101Arguments):
     )
 
 
-TASK = Task(metric="accuracy", load_splits=load_splits, train_conversation=jsonl_conversation, eval_conversation=jsonl_conversation)
+TASK = Task(
+    metric="accuracy",
+    load_splits=load_splits,
+    train_conversation=jsonl_conversation,
+    eval_conversation=jsonl_conversation,
+)
 
 if __name__ == "__main__":
     run_recipe(TASK, parse_args(UCF101Arguments))

@@ -53,9 +53,7 @@ class RecipeArguments:
     max_eval_samples: int | None = flag(None, "(new) evaluate on at most this many samples")
     max_new_tokens: int = flag(64, "(new flag, original value) tokens generated per evaluation answer")
     seed: int = flag(42, "(new flag, Trainer's default) random seed")
-    deepspeed: str = flag(
-        "ds_configs/zero2.json", "(new) DeepSpeed config for full finetuning; 'none' for plain DDP"
-    )
+    deepspeed: str = flag("ds_configs/zero2.json", "(new) DeepSpeed config for full finetuning; 'none' for plain DDP")
     trust_remote_code: bool = flag(False, "(new) allow code shipped with the checkpoint to run")
 
     def __post_init__(self) -> None:
@@ -84,6 +82,14 @@ class RecipeArguments:
         return bool(self.deepspeed) and not self.use_lora
 
 
+@dataclass
+class CauldronArguments(RecipeArguments):
+    """Recipes reading the_cauldron, which has only a train split: its first rows are held out."""
+
+    dataset_name_or_path: str = flag(CAULDRON, "the_cauldron, or a local folder mirroring it")
+    eval_size: int = flag(500, "(new flag, original value) leading train rows held out for evaluation")
+
+
 def _find_config(path: str) -> Path:
     for candidate in (Path(path), REPO_ROOT / path):
         if candidate.is_file():
@@ -107,6 +113,7 @@ def gradient_accumulation_steps(batch_size: int, world_size: int, batch_size_per
     if batch_size % per_step:
         raise ValueError(
             f"--batch_size {batch_size} is not a multiple of world size {world_size} x --batch_size_per_gpu "
-            f"{batch_size_per_gpu} = {per_step}. Pick a --batch_size that is, e.g. {per_step * max(1, batch_size // per_step)}."
+            f"{batch_size_per_gpu} = {per_step}. Pick a --batch_size that is, e.g. "
+            f"{per_step * max(1, batch_size // per_step)}."
         )
     return batch_size // per_step

@@ -13,18 +13,7 @@ from typing import Any
 import torch
 
 from .data import IGNORE_INDEX
-
-
-def pad(sequences: list[torch.Tensor], value: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack 1-D tensors into [B, L_max] padded with ``value`` on ``side``; also return the 0/1 mask."""
-    longest = max(len(s) for s in sequences)
-    batch = torch.full((len(sequences), longest), value, dtype=sequences[0].dtype)
-    mask = torch.zeros((len(sequences), longest), dtype=torch.long)
-    for row, sequence in enumerate(sequences):
-        span = slice(0, len(sequence)) if side == "right" else slice(longest - len(sequence), longest)
-        batch[row, span] = sequence
-        mask[row, span] = 1
-    return batch, mask
+from .processing import pad_sequences
 
 
 def _images(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -45,8 +34,8 @@ class TrainCollator:
         self.pad_token_id = pad_token_id
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        input_ids, attention_mask = pad([e["input_ids"] for e in examples], self.pad_token_id, "right")
-        labels, _ = pad([e["labels"] for e in examples], IGNORE_INDEX, "right")
+        input_ids, attention_mask = pad_sequences([e["input_ids"] for e in examples], self.pad_token_id, "right")
+        labels, _ = pad_sequences([e["labels"] for e in examples], IGNORE_INDEX, "right")
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, **_images(examples)}
 
 
@@ -57,7 +46,7 @@ class EvalCollator:
         self.pad_token_id = pad_token_id
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        input_ids, attention_mask = pad([e["input_ids"] for e in examples], self.pad_token_id, "left")
+        input_ids, attention_mask = pad_sequences([e["input_ids"] for e in examples], self.pad_token_id, "left")
         return {
             "input_ids": input_ids,
             "attention_mask": attention_mask,

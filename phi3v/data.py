@@ -236,7 +236,9 @@ def _record_problems(record: Any, image_dir: Path) -> list[str]:
 
 def _with_absolute_paths(record: Any, image_dir: Path) -> Any:
     try:
-        turns = [{**turn, "images": [str(image_dir / p) for p in turn.get("images", [])]} for turn in record["conversations"]]
+        turns = [
+            {**turn, "images": [str(image_dir / p) for p in turn.get("images", [])]} for turn in record["conversations"]
+        ]
         return {**record, "conversations": turns}
     except (TypeError, KeyError, AttributeError):
         return record  # malformed: already reported by _record_problems

@@ -91,10 +91,13 @@ def restore_order(results: list[dict], num_samples: int) -> list[dict]:
 
 
 @torch.no_grad()
-def generate_answers(model, processor, dataset, indices: list[int], batch_size: int, max_new_tokens: int,
-                     show_progress: bool) -> list[dict]:  # fmt: skip
+def generate_answers(
+    model, processor, dataset, indices: list[int], batch_size: int, max_new_tokens: int, show_progress: bool
+) -> list[dict]:
     """Greedy answers for ``dataset[i]`` for i in ``indices``: [{index, answers, generated_text}]."""
-    loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, collate_fn=EvalCollator(processor.tokenizer.pad_token_id))
+    loader = DataLoader(
+        Subset(dataset, indices), batch_size=batch_size, collate_fn=EvalCollator(processor.tokenizer.pad_token_id)
+    )
     device = next(model.parameters()).device
     results = []
     for batch in tqdm(loader, desc="evaluating", disable=not show_progress):
@@ -110,13 +113,22 @@ def generate_answers(model, processor, dataset, indices: list[int], batch_size: 
             output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True, clean_up_tokenization_spaces=False
         )
         results += [
-            {"index": i, "answers": a, "generated_text": t} for i, a, t in zip(batch["indices"], batch["answers"], texts)
+            {"index": i, "answers": a, "generated_text": t}
+            for i, a, t in zip(batch["indices"], batch["answers"], texts)
         ]
     return results
 
 
-def evaluate(model, processor, dataset, metric: str, batch_size: int, max_new_tokens: int, output_file: Path,
-             show_progress: bool = True) -> float | None:  # fmt: skip
+def evaluate(
+    model,
+    processor,
+    dataset,
+    metric: str,
+    batch_size: int,
+    max_new_tokens: int,
+    output_file: Path,
+    show_progress: bool = True,
+) -> float | None:
     """Evaluate on all ranks, write ``output_file`` on rank 0 and return the score there (None elsewhere)."""
     state = PartialState()
     was_training = model.training

@@ -31,6 +31,19 @@ def num_image_tokens(rows: int, cols: int, num_img_tokens: int = 144) -> int:
     return (rows * cols + 1) * num_img_tokens + 1 + (rows + 1) * side
 
 
+def pad_sequences(sequences: list[torch.Tensor], value: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack 1-D tensors into [B, L_max] padded with ``value`` on ``side`` ("left" or "right"), and
+    return the 0/1 attention mask built from the lengths (never from comparing ids with ``value``)."""
+    longest = max(len(s) for s in sequences)
+    batch = torch.full((len(sequences), longest), value, dtype=sequences[0].dtype)
+    mask = torch.zeros((len(sequences), longest), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        span = slice(0, len(sequence)) if side == "right" else slice(longest - len(sequence), longest)
+        batch[row, span] = sequence
+        mask[row, span] = 1
+    return batch, mask
+
+
 def hd_canvas(image: Image.Image, num_crops: int, crop_size: int = 336) -> Image.Image:
     """Resize onto the largest grid of crop_size crops that fits num_crops, padding the short side white."""
     transposed = image.width < image.height
@@ -174,17 +187,11 @@ class Phi3VProcessor(ProcessorMixin):
             sample = {"pixel_values": processed["pixel_values"], "image_sizes": processed["image_sizes"]}
             for k, (count, chunk) in enumerate(zip(processed["num_img_tokens"], chunks[1:]), start=1):
                 input_ids += [-k] * count + list(chunk)
-        return {**sample, "input_ids": input_ids}
+        return {**sample, "input_ids": torch.tensor(input_ids, dtype=torch.long)}
 
     def _left_pad(self, samples: list[dict]) -> BatchFeature:
-        longest = max(len(s["input_ids"]) for s in samples)
-        pad_id = self.tokenizer.pad_token_id
-        input_ids = torch.full((len(samples), longest), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(samples), longest), dtype=torch.long)
-        for row, sample in enumerate(samples):
-            length = len(sample["input_ids"])
-            input_ids[row, longest - length :] = torch.tensor(sample["input_ids"], dtype=torch.long)
-            attention_mask[row, longest - length :] = 1
+        ids = [s["input_ids"] for s in samples]
+        input_ids, attention_mask = pad_sequences(ids, self.tokenizer.pad_token_id, "left")
         data = {"input_ids": input_ids, "attention_mask": attention_mask}
         with_images = [s for s in samples if s["pixel_values"] is not None]
         if with_images:
@@ -203,4 +210,4 @@ class Phi3VProcessor(ProcessorMixin):
         return ["input_ids", "attention_mask", "pixel_values", "image_sizes"]
 
 
-__all__ = ["Phi3VImageProcessor", "Phi3VProcessor", "hd_canvas", "num_image_tokens"]
+__all__ = ["Phi3VImageProcessor", "Phi3VProcessor", "hd_canvas", "num_image_tokens", "pad_sequences"]

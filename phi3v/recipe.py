@@ -10,6 +10,7 @@ import gc
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,9 @@ def _setup_logging(is_main_process: bool) -> None:
     level = logging.INFO if is_main_process else logging.WARNING
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level)
     logging.getLogger("phi3v").setLevel(level)
-    transformers.utils.logging.set_verbosity(transformers.logging.WARNING if is_main_process else transformers.logging.ERROR)
+    transformers.utils.logging.set_verbosity(
+        transformers.logging.WARNING if is_main_process else transformers.logging.ERROR
+    )
 
 
 def run_recipe(task: Task, args: RecipeArguments) -> dict[str, float | None]:
@@ -57,8 +60,12 @@ def run_recipe(task: Task, args: RecipeArguments) -> dict[str, float | None]:
     state = setup_distributed(args)
     _setup_logging(state.is_main_process)
     accumulation = gradient_accumulation_steps(args.batch_size, state.num_processes, args.batch_size_per_gpu)
-    logger.info("World size %d, gradient accumulation %d, per-device batch %d", state.num_processes, accumulation,
-                args.batch_size_per_gpu)  # fmt: skip
+    logger.info(
+        "World size %d, gradient accumulation %d, per-device batch %d",
+        state.num_processes,
+        accumulation,
+        args.batch_size_per_gpu,
+    )
     output_dir = Path(args.output_dir)
     processor = load_processor(args)
     with state.main_process_first():
@@ -68,12 +75,18 @@ def run_recipe(task: Task, args: RecipeArguments) -> dict[str, float | None]:
     eval_set = ConversationDataset(eval_rows, task.eval_conversation, processor, for_training=False)
     logger.info("%d training samples, %d evaluation samples", len(train_set), len(eval_set))
 
-    def run_evaluation(model, name: str) -> float | None:
-        return evaluate(model, processor, eval_set, task.metric, args.batch_size_per_gpu, args.max_new_tokens,
-                        output_dir / name, show_progress=not args.no_tqdm)  # fmt: skip
+    run_evaluation = partial(
+        evaluate,
+        processor=processor,
+        dataset=eval_set,
+        metric=task.metric,
+        batch_size=args.batch_size_per_gpu,
+        max_new_tokens=args.max_new_tokens,
+        show_progress=not args.no_tqdm,
+    )
 
     model = load_model(args, quantize=args.use_qlora)
-    before = run_evaluation(model, "eval_before.json")
+    before = run_evaluation(model, output_file=output_dir / "eval_before.json")
     model = prepare_for_training(model, args)
     model = train_and_save(model, processor, train_set, args, accumulation)
     if args.use_lora:  # free the training model before loading the base + adapters
@@ -82,7 +95,7 @@ def run_recipe(task: Task, args: RecipeArguments) -> dict[str, float | None]:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         model = load_lora_for_evaluation(args)
-    after = run_evaluation(model, "eval_after.json")
+    after = run_evaluation(model, output_file=output_dir / "eval_after.json")
     if state.is_main_process:
         logger.info("%s before training: %.4f, after training: %.4f", task.metric, before, after)
     state.wait_for_everyone()

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import av
 import numpy as np
-from datasets import Dataset, Features, Image as ImageFeature, Sequence, Value
+from datasets import Dataset, Features, Sequence, Value
+from datasets import Image as ImageFeature
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
@@ -189,22 +190,32 @@ def _rows(make_row: Callable[[int, random.Random], dict], count: int, start: int
 
 def write_docvqa(out: Path, num_train: int = 200, num_test: int = 40, seed: int = 0) -> None:
     """nielsr/docvqa_1200_examples layout at `out`, and the_cauldron's docvqa config at `out/the_cauldron`."""
-    _write_split(_rows(docvqa_mini_row, num_train, 0, seed, "docvqa train"), DOCVQA_MINI_FEATURES,
-                 out / "data" / "train-00000-of-00001.parquet")  # fmt: skip
-    _write_split(_rows(docvqa_mini_row, num_test, num_train, seed + 1, "docvqa test"), DOCVQA_MINI_FEATURES,
-                 out / "data" / "test-00000-of-00001.parquet")  # fmt: skip
+    _write_split(
+        _rows(docvqa_mini_row, num_train, 0, seed, "docvqa train"),
+        DOCVQA_MINI_FEATURES,
+        out / "data" / "train-00000-of-00001.parquet",
+    )
+    _write_split(
+        _rows(docvqa_mini_row, num_test, num_train, seed + 1, "docvqa test"),
+        DOCVQA_MINI_FEATURES,
+        out / "data" / "test-00000-of-00001.parquet",
+    )
     _write_readme(out, {"default": ["train", "test"]})
     cauldron = out / "the_cauldron"
-    _write_split(_rows(docvqa_cauldron_row, num_train, 0, seed + 2, "cauldron docvqa"), CAULDRON_FEATURES,
-                 cauldron / "docvqa" / "train-00000-of-00001.parquet")  # fmt: skip
+    _write_split(
+        _rows(docvqa_cauldron_row, num_train, 0, seed + 2, "cauldron docvqa"),
+        CAULDRON_FEATURES,
+        cauldron / "docvqa" / "train-00000-of-00001.parquet",
+    )
     _write_readme(cauldron, {"docvqa": ["train"]})
 
 
 def write_cauldron(out: Path, config: str, num_rows: int, seed: int = 0) -> None:
     """One the_cauldron config (train split only, as on the hub)."""
     make_row = {"hateful_memes": hateful_memes_row, "nlvr2": nlvr2_row}[config]
-    _write_split(_rows(make_row, num_rows, 0, seed, config), CAULDRON_FEATURES,
-                 out / config / "train-00000-of-00001.parquet")  # fmt: skip
+    _write_split(
+        _rows(make_row, num_rows, 0, seed, config), CAULDRON_FEATURES, out / config / "train-00000-of-00001.parquet"
+    )
     _write_readme(out, {config: ["train"]})
 
 

@@ -7,11 +7,9 @@ QLoRA run on plain DDP. torchrun sets up one or many nodes; without torchrun a s
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import socket
-from pathlib import Path
 
 import torch
 from accelerate import PartialState

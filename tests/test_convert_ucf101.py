@@ -46,8 +46,10 @@ def test_convert_writes_the_original_layout(tmp_path):
     out.mkdir()
     counts = convert(tmp_path / "videos" / "UCF101_subset", out, show_progress=False)
     assert counts == {"train": 20, "val": 10, "test": 10}
-    records = {split: [json.loads(line) for line in (out / f"ucf101_{split}.jsonl").read_text().splitlines()]
-               for split in ("train", "val", "test")}  # fmt: skip
+    records = {
+        split: [json.loads(line) for line in (out / f"ucf101_{split}.jsonl").read_text().splitlines()]
+        for split in ("train", "val", "test")
+    }
     ids = [r["id"] for split in ("train", "val", "test") for r in records[split]]
     assert ids == [f"{split}-{i:010d}" for i, split in enumerate(["train"] * 20 + ["val"] * 10 + ["test"] * 10)]
     prompt = "Classify the video into one of the following classes: " + ", ".join(sorted(UCF101_CLASSES)) + "."

@@ -98,7 +98,7 @@ def reference_image_tokens(embedding, pixel_values, image_sizes):
         patches = embedding.img_processor(pixels[: 1 + rows * cols])  # [crops, (2g)^2, C]
         grid = patches.reshape(len(patches), 2 * g, 2 * g, -1)
 
-        def block(crop, i, j):
+        def block(crop, i, j, grid=grid):
             p = grid[crop]
             return torch.cat([p[2 * i, 2 * j], p[2 * i, 2 * j + 1], p[2 * i + 1, 2 * j], p[2 * i + 1, 2 * j + 1]])
 

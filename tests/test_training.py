@@ -17,8 +17,19 @@ def model(tiny_dir):
 def test_lora_targets(model):
     names = lora_target_modules(model, include_vision=True)
     suffixes = {name.rsplit(".", 1)[-1] for name in names}
-    assert {"qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head", "q_proj", "k_proj", "v_proj",
-            "out_proj", "fc1", "fc2"} <= suffixes  # fmt: skip
+    assert {
+        "qkv_proj",
+        "o_proj",
+        "gate_up_proj",
+        "down_proj",
+        "lm_head",
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "out_proj",
+        "fc1",
+        "fc2",
+    } <= suffixes
     assert VISION + "img_projection.0" in names and VISION + "img_projection.2" in names
     # CLIP's last layer never runs: no adapter there (DDP would find it unused)
     assert not [n for n in names if ".encoder.layers.2." in n]

@@ -44,8 +44,14 @@ def launch(script: str, flags: list[str], ranks: int = 1, timeout: int = 600) ->
     if ranks == 1:
         command = [sys.executable, script]
     else:
-        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}",
-                   f"--master_port={free_port()}", script]  # fmt: skip
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={ranks}",
+            f"--master_port={free_port()}",
+            script,
+        ]
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(command + flags, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, f"{' '.join(command + flags)}\n{result.stdout[-2000:]}\n{result.stderr[-6000:]}"
@@ -87,10 +93,28 @@ def expected_references(task: str, data: dict[str, Path]) -> list[list[str]]:
 
 def common_flags(tiny_dir: Path, output_dir: Path) -> list[str]:
     return [
-        "--model_name_or_path", str(tiny_dir), "--output_dir", str(output_dir), "--num_crops", "1",
-        "--batch_size", "4", "--max_steps", "2", "--max_eval_samples", str(EVAL_SAMPLES), "--max_new_tokens", "4",
-        "--learning_rate", "1e-3", "--warmup_steps", "0", "--logging_steps", "1", "--no-tqdm",
-    ]  # fmt: skip
+        "--model_name_or_path",
+        str(tiny_dir),
+        "--output_dir",
+        str(output_dir),
+        "--num_crops",
+        "1",
+        "--batch_size",
+        "4",
+        "--max_steps",
+        "2",
+        "--max_eval_samples",
+        str(EVAL_SAMPLES),
+        "--max_new_tokens",
+        "4",
+        "--learning_rate",
+        "1e-3",
+        "--warmup_steps",
+        "0",
+        "--logging_steps",
+        "1",
+        "--no-tqdm",
+    ]
 
 
 def check_evaluations(output_dir: Path, metric: str, references: list[list[str]]) -> None:
@@ -150,15 +174,28 @@ def test_two_nodes_on_one_machine(data, tiny_dir, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
     nodes = [
         subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={rank}",
-             "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}",
-             "finetune_hf_trainer_hateful_memes.py", *flags],
-            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes=2",
+                f"--node_rank={rank}",
+                "--nproc_per_node=1",
+                "--master_addr=127.0.0.1",
+                f"--master_port={port}",
+                "finetune_hf_trainer_hateful_memes.py",
+                *flags,
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for rank in (0, 1)
     ]
     outputs = [node.communicate(timeout=600) for node in nodes]
-    for node, (stdout, stderr) in zip(nodes, outputs):
+    for node, (_, stderr) in zip(nodes, outputs):
         assert node.returncode == 0, stderr[-6000:]
     assert "World size 2, gradient accumulation 2" in outputs[0][1]
     assert "Trainer: distributed over 2 process(es)" in outputs[0][1]
@@ -170,11 +207,32 @@ def test_the_tiny_model_learns(tmp_path, tiny_dir):
     write_cauldron(tmp_path / "memes", "hateful_memes", num_rows=340)
     output_dir = tmp_path / "out"
     flags = [
-        "--model_name_or_path", str(tiny_dir), "--dataset_name_or_path", str(tmp_path / "memes"),
-        "--eval_size", "40", "--output_dir", str(output_dir), "--deepspeed", "none", "--num_crops", "1",
-        "--batch_size", "8", "--batch_size_per_gpu", "8", "--num_train_epochs", "6", "--learning_rate", "2e-3",
-        "--warmup_steps", "10", "--max_new_tokens", "4", "--no-tqdm",
-    ]  # fmt: skip
+        "--model_name_or_path",
+        str(tiny_dir),
+        "--dataset_name_or_path",
+        str(tmp_path / "memes"),
+        "--eval_size",
+        "40",
+        "--output_dir",
+        str(output_dir),
+        "--deepspeed",
+        "none",
+        "--num_crops",
+        "1",
+        "--batch_size",
+        "8",
+        "--batch_size_per_gpu",
+        "8",
+        "--num_train_epochs",
+        "6",
+        "--learning_rate",
+        "2e-3",
+        "--warmup_steps",
+        "10",
+        "--max_new_tokens",
+        "4",
+        "--no-tqdm",
+    ]
     launch("finetune_hf_trainer_hateful_memes.py", flags)
     before = json.loads((output_dir / "eval_before.json").read_text())["accuracy"]
     after = json.loads((output_dir / "eval_after.json").read_text())["accuracy"]
