@@ -2,7 +2,7 @@
 
 Importing ``phi3v`` registers the classes with the transformers Auto classes, so an official
 ``microsoft/Phi-3.5-vision-instruct`` folder loads with ``AutoModelForCausalLM`` / ``AutoProcessor``
-and no remote code (checkpoint-supplied code runs only when the caller passes ``trust_remote_code=True``).
+and no remote code (checkpoint-supplied code runs only when the caller opts in with ``trust_remote_code``).
 """
 
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoProcessor

@@ -7,6 +7,7 @@ flag fails in a second, not after the model has loaded.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,7 @@ class RecipeArguments:
     lora_alpha_ratio: float = flag(2.0, "LoRA alpha = round(rank * ratio)")
     lora_dropout: float = flag(0.0, "LoRA dropout")
     freeze_vision_model: bool = flag(False, "freeze CLIP, the projector and the separators")
+    dataloader_num_workers: int = flag(4, "(new flag, original value) data-loading worker processes")
     max_eval_samples: int | None = flag(None, "(new) evaluate on at most this many samples")
     max_new_tokens: int = flag(64, "(new flag, original value) tokens generated per evaluation answer")
     seed: int = flag(42, "(new flag, Trainer's default) random seed")
@@ -62,6 +64,8 @@ class RecipeArguments:
         for name in ("batch_size", "batch_size_per_gpu", "lora_rank", "num_train_epochs", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
+        if self.dataloader_num_workers < 0:
+            raise ValueError(f"--dataloader_num_workers must be 0 or more, got {self.dataloader_num_workers}.")
         if self.max_eval_samples is not None and self.max_eval_samples < 1:
             raise ValueError(f"--max_eval_samples must be at least 1, got {self.max_eval_samples}.")
         if self.use_qlora and not self.use_lora:
@@ -80,6 +84,13 @@ class RecipeArguments:
     def uses_deepspeed(self) -> bool:
         """Full finetuning runs on DeepSpeed, as in the original; LoRA and QLoRA never do."""
         return bool(self.deepspeed) and not self.use_lora
+
+    @property
+    def uses_zero3(self) -> bool:
+        """ZeRO-3 shards the weights themselves, so the trained model is reloaded to be evaluated."""
+        if not self.uses_deepspeed:
+            return False
+        return json.loads(Path(self.deepspeed).read_text()).get("zero_optimization", {}).get("stage") == 3
 
 
 @dataclass

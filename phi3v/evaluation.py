@@ -92,11 +92,22 @@ def restore_order(results: list[dict], num_samples: int) -> list[dict]:
 
 @torch.no_grad()
 def generate_answers(
-    model, processor, dataset, indices: list[int], batch_size: int, max_new_tokens: int, show_progress: bool
+    model,
+    processor,
+    dataset,
+    indices: list[int],
+    batch_size: int,
+    max_new_tokens: int,
+    show_progress: bool,
+    num_workers: int = 0,
 ) -> list[dict]:
     """Greedy answers for ``dataset[i]`` for i in ``indices``: [{index, answers, generated_text}]."""
     loader = DataLoader(
-        Subset(dataset, indices), batch_size=batch_size, collate_fn=EvalCollator(processor.tokenizer.pad_token_id)
+        Subset(dataset, indices),
+        batch_size=batch_size,
+        collate_fn=EvalCollator(processor.tokenizer.pad_token_id),
+        num_workers=num_workers,
+        prefetch_factor=2 if num_workers else None,
     )
     device = next(model.parameters()).device
     results = []
@@ -128,14 +139,16 @@ def evaluate(
     max_new_tokens: int,
     output_file: Path,
     show_progress: bool = True,
+    num_workers: int = 0,
 ) -> float | None:
     """Evaluate on all ranks, write ``output_file`` on rank 0 and return the score there (None elsewhere)."""
     state = PartialState()
     was_training = model.training
     model.eval()
     indices = shard_indices(len(dataset), state.process_index, state.num_processes)
+    show_progress = show_progress and state.is_main_process
     results = generate_answers(
-        model, processor, dataset, indices, batch_size, max_new_tokens, show_progress and state.is_main_process
+        model, processor, dataset, indices, batch_size, max_new_tokens, show_progress, num_workers
     )
     model.train(was_training)
     gathered = restore_order(gather_results(results), len(dataset))

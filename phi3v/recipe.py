@@ -21,9 +21,9 @@ from .args import RecipeArguments, gradient_accumulation_steps
 from .data import Conversation, ConversationDataset
 from .evaluation import evaluate
 from .training import (
-    load_lora_for_evaluation,
     load_model,
     load_processor,
+    load_trained_for_evaluation,
     prepare_for_training,
     setup_distributed,
     train_and_save,
@@ -81,6 +81,7 @@ def run_recipe(task: Task, args: RecipeArguments) -> dict[str, float | None]:
         dataset=eval_set,
         metric=task.metric,
         batch_size=args.batch_size_per_gpu,
+        num_workers=args.dataloader_num_workers,
         max_new_tokens=args.max_new_tokens,
         show_progress=not args.no_tqdm,
     )
@@ -89,12 +90,12 @@ def run_recipe(task: Task, args: RecipeArguments) -> dict[str, float | None]:
     before = run_evaluation(model, output_file=output_dir / "eval_before.json")
     model = prepare_for_training(model, args)
     model = train_and_save(model, processor, train_set, args, accumulation)
-    if args.use_lora:  # free the training model before loading the base + adapters
+    if args.use_lora or args.uses_zero3:  # free the training model before loading the saved one
         del model
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        model = load_lora_for_evaluation(args)
+        model = load_trained_for_evaluation(args)
     after = run_evaluation(model, output_file=output_dir / "eval_after.json")
     if state.is_main_process:
         logger.info("%s before training: %.4f, after training: %.4f", task.metric, before, after)

@@ -15,6 +15,7 @@ import torch
 from accelerate import PartialState
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoProcessor, BitsAndBytesConfig, Trainer, TrainingArguments
+from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from .args import RecipeArguments
 from .collators import TrainCollator
@@ -69,10 +70,12 @@ def load_processor(args: RecipeArguments):
         )
 
 
-def load_model(args: RecipeArguments, quantize: bool = False) -> Phi3VForCausalLM:
-    """The model on this rank's device: bf16 + flash attention with --use_flash_attention, else fp32
-    (fp16 mixed precision needs fp32 master weights, as the original notes); 4-bit nf4 for QLoRA."""
-    require_local_or_reachable(args.model_name_or_path, "--model_name_or_path", MODEL_OFFLINE_HINT)
+def load_model(args: RecipeArguments, quantize: bool = False, path: str | None = None) -> Phi3VForCausalLM:
+    """The model (``path``, default --model_name_or_path) on this rank's device: bf16 + flash attention
+    with --use_flash_attention, else fp32 (fp16 mixed precision needs fp32 master weights, as the
+    original notes); 4-bit nf4 for QLoRA."""
+    path = path or args.model_name_or_path
+    require_local_or_reachable(path, "--model_name_or_path", MODEL_OFFLINE_HINT)
     state = PartialState()
     kwargs = {
         "dtype": torch.bfloat16 if args.use_flash_attention else torch.float32,
@@ -88,7 +91,7 @@ def load_model(args: RecipeArguments, quantize: bool = False) -> Phi3VForCausalL
         )
         kwargs["device_map"] = {"": state.device}
     with state.local_main_process_first():
-        model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if quantize and state.device.type == "cpu":
         _keep_cpu_4bit_weights_trainable(model)
     return model if quantize else model.to(state.device)
@@ -193,6 +196,8 @@ def build_training_args(args: RecipeArguments, accumulation_steps: int) -> Train
         deepspeed=args.deepspeed if args.uses_deepspeed else None,
         accelerator_config={"use_configured_state": True},  # the state from setup_distributed
         disable_tqdm=args.no_tqdm,
+        dataloader_num_workers=args.dataloader_num_workers,
+        dataloader_prefetch_factor=2 if args.dataloader_num_workers else None,
         ddp_find_unused_parameters=False,
         seed=args.seed,
     )
@@ -218,6 +223,11 @@ def train_and_save(model, processor, train_dataset, args: RecipeArguments, accum
     return trainer.accelerator.unwrap_model(trainer.model)
 
 
-def load_lora_for_evaluation(args: RecipeArguments) -> PeftModel:
-    """The unquantized base model with the saved adapters, as the original evaluates after LoRA/QLoRA."""
-    return PeftModel.from_pretrained(load_model(args, quantize=False), args.output_dir).eval()
+def load_trained_for_evaluation(args: RecipeArguments) -> Phi3VForCausalLM | PeftModel:
+    """What --output_dir holds, loaded for evaluation. LoRA: the unquantized base model with the saved
+    adapters, as the original evaluates after LoRA/QLoRA. ZeRO-3: the saved full model, since the
+    trained one is sharded across ranks and generate() would need every rank in lockstep."""
+    if args.use_lora:
+        return PeftModel.from_pretrained(load_model(args), args.output_dir).eval()
+    unset_hf_deepspeed_config()  # otherwise from_pretrained would shard the reloaded model again
+    return load_model(args, path=args.output_dir).eval()

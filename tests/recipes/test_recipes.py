@@ -237,3 +237,47 @@ def test_the_tiny_model_learns(tmp_path, tiny_dir):
     before = json.loads((output_dir / "eval_before.json").read_text())["accuracy"]
     after = json.loads((output_dir / "eval_after.json").read_text())["accuracy"]
     assert before <= 0.5 and after >= 0.9, (before, after)
+
+
+@pytest.mark.parametrize("script", [s for s, _ in SCRIPTS.values() if "ucf101" not in s])
+def test_hub_defaults_fail_fast_offline(script):
+    """With no network the default hub ids stop in seconds, saying how to run offline."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, script], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "--model_name_or_path 'microsoft/Phi-3.5-vision-instruct' is not a local folder" in result.stderr
+    assert "python -m phi3v.tiny --out DIR" in result.stderr
+
+
+def test_bad_batch_size_fails_before_loading(tiny_dir, data, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={free_port()}",
+        "finetune_hf_trainer_docvqa.py",
+        "--model_name_or_path",
+        str(tiny_dir),
+        "--batch_size",
+        "3",
+        "--dataset_name_or_path",
+        str(data["docvqa"]),
+        "--use_lora",
+        "--output_dir",
+        str(tmp_path),
+    ]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "--batch_size 3 is not a multiple of world size 2" in result.stderr
+    assert not (tmp_path / "eval_before.json").exists()
+
+
+def test_full_finetune_on_zero3(data, tiny_dir, tmp_path):
+    """ZeRO-3 shards the weights: the saved model is consolidated and reloaded for the second evaluation."""
+    output_dir = tmp_path / "out"
+    flags = common_flags(tiny_dir, output_dir) + task_flags("nlvr2", data) + ["--deepspeed", "ds_configs/zero3.json"]
+    launch("finetune_hf_trainer_nlvr2.py", flags, ranks=2)
+    check_evaluations(output_dir, "accuracy", expected_references("nlvr2", data))
+    check_saved_model(output_dir, tiny_dir, "full_zero3")
