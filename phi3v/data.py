@@ -143,7 +143,43 @@ def load_hub_dataset(name_or_path: str, config: str | None, split: str, flag: st
             f"{flag} {name_or_path!r} (config {config}, split {split}) lacks the column(s) {missing}; it has "
             f"{rows.column_names}. Expected the schema of the hub dataset this recipe reads (see README)."
         )
+    _check_text_columns(rows, [c for c in required if c in TEXT_CHECKS], f"{flag} {name_or_path!r} ({split})")
     return rows
+
+
+def _texts_problem(texts: Any) -> str | None:
+    if not isinstance(texts, list) or not texts:
+        return "texts must be a non-empty list"
+    if not all(isinstance(t, dict) and isinstance(t.get("user"), str) for t in texts):
+        return "every texts item needs string 'user' and 'assistant'"
+    if not all(isinstance(t.get("assistant"), str) for t in texts):
+        return "every texts item needs string 'user' and 'assistant'"
+    return None
+
+
+def _answers_problem(answers: Any) -> str | None:
+    if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
+        return "answers must be a non-empty list of strings"
+    return None
+
+
+def _query_problem(query: Any) -> str | None:
+    return None if isinstance(query, dict) and isinstance(query.get("en"), str) else "query needs a string 'en'"
+
+
+# Text columns whose content is checked for every row before training (images are decoded lazily).
+TEXT_CHECKS = {"texts": _texts_problem, "answers": _answers_problem, "query": _query_problem}
+
+
+def _check_text_columns(rows, columns: list[str], where: str) -> None:
+    problems = []
+    for column in columns:
+        for index, value in enumerate(rows[column]):
+            if (problem := TEXT_CHECKS[column](value)) is not None:
+                problems.append(f"row {index}: {problem}")
+    if problems:
+        shown = "\n  ".join(problems[:10])
+        raise ValueError(f"{len(problems)} bad row(s) in {where}:\n  {shown}")
 
 
 def _local_cache_dir(folder: Path) -> str:

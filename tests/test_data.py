@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 
 import datasets
 import numpy as np
@@ -228,3 +229,17 @@ def test_local_folders_with_the_same_name_do_not_share_a_cache(tmp_path):
     assert sizes == [3, 5]
     write_docvqa(tmp_path / "a" / "docvqa", num_train=4, num_test=1)  # rewritten in place
     assert len(load_hub_dataset(str(tmp_path / "a" / "docvqa"), None, "train", "--flag", ["image"])) == 4
+
+
+def test_bad_rows_are_reported_before_training(tmp_path):
+    """An empty answer list would crash random.choice hours into a run; it is reported up front."""
+    from phi3v.data import load_hub_dataset
+    from phi3v.synthetic import _write_readme, _write_split, docvqa_mini_row
+
+    rng = random.Random(0)
+    rows = [docvqa_mini_row(i, rng) for i in range(4)]
+    rows[2]["answers"] = []
+    _write_split(rows, DOCVQA_MINI_FEATURES, tmp_path / "data" / "train-00000-of-00001.parquet")
+    _write_readme(tmp_path, {"default": ["train"]})
+    with pytest.raises(ValueError, match=r"1 bad row\(s\) in --flag .*\n  row 2: answers must be a non-empty list"):
+        load_hub_dataset(str(tmp_path), None, "train", "--flag", ["image", "query", "answers"])
