@@ -129,7 +129,7 @@ def lora_target_modules(model: Phi3VForCausalLM, include_vision: bool) -> list[s
     unused = {id(p) for p in tower.unused_parameters()}
     names = []
     for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear) and module.__class__.__name__ != "Linear4bit":
+        if not isinstance(module, torch.nn.Linear):  # bitsandbytes Linear4bit is a Linear too
             continue
         is_vision = name.startswith("model.vision_embed_tokens.")
         targets = VISION_LORA_TARGETS if is_vision else LANGUAGE_LORA_TARGETS
