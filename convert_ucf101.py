@@ -7,6 +7,10 @@ Output: out_dir/images/<split>/<Class>/<video>.<k>.jpg (k = 0..7) and out_dir/uc
 line per video: {"id": "<split>-<10-digit index>", "source": "ucf101", "conversations": [{"images":
 [8 paths relative to images/], "user": "Classify the video into one of the following classes: ...",
 "assistant": "<Class>"}]}. Videos are taken in sorted order (train, val, test), so ids are stable.
+
+A clip that cannot be decoded, or has fewer than 8 frames, stops the conversion with its path; with
+--skip_bad_videos it is left out instead, counted and listed. A split's jsonl file appears only once
+the whole split is converted.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 import tarfile
 from pathlib import Path
 
@@ -26,6 +31,10 @@ SPLITS = ("train", "val", "test")
 FRAMES_PER_VIDEO = 8
 
 
+class BadVideoError(ValueError):
+    """A clip that cannot give FRAMES_PER_VIDEO frames."""
+
+
 def frame_indices(total_frames: int, count: int = FRAMES_PER_VIDEO) -> list[int]:
     """Evenly spaced from frame 0, as np.arange(0, T, T / 8) in the original; always exactly `count`
     (the original could yield 9 through float rounding, or fewer frames for clips under 8 frames)."""
@@ -36,22 +45,28 @@ def read_frames(video: Path, count: int = FRAMES_PER_VIDEO) -> list[Image.Image]
     """Decode the clip with PyAV from the start, keeping the frames at ``frame_indices``.
 
     The frame count comes from the stream header, as in the original; when the header has none, the
-    frames are counted by decoding once first."""
-    with av.open(str(video)) as container:
-        total = container.streams.video[0].frames or sum(1 for _ in container.decode(video=0))
-        if total < 1:
-            raise ValueError(f"{video}: no video frames could be decoded.")
-        wanted = frame_indices(total, count)
-        container.seek(0)
-        kept: dict[int, Image.Image] = {}
-        for position, frame in enumerate(container.decode(video=0)):
-            if position in wanted:
-                kept[position] = frame.to_image()
-            if position >= wanted[-1]:
-                break
+    frames are counted by decoding once first. A clip with fewer than ``count`` frames, or that cannot be
+    decoded, raises BadVideoError (the original repeated frames of short clips, or kept fewer)."""
+    try:
+        with av.open(str(video)) as container:
+            if not container.streams.video:
+                raise BadVideoError(f"{video}: no video stream.")
+            total = container.streams.video[0].frames or sum(1 for _ in container.decode(video=0))
+            if total < count:
+                raise BadVideoError(f"{video}: {total} frame(s), {count} are needed.")
+            wanted = frame_indices(total, count)
+            container.seek(0)
+            kept: dict[int, Image.Image] = {}
+            for position, frame in enumerate(container.decode(video=0)):
+                if position in wanted:
+                    kept[position] = frame.to_image()
+                if position >= wanted[-1]:
+                    break
+    except (av.FFmpegError, OSError) as error:
+        raise BadVideoError(f"{video}: cannot be decoded ({error}).") from None
     missing = [i for i in wanted if i not in kept]
     if missing:
-        raise ValueError(f"{video}: the header promises {total} frames but frames {missing} could not be decoded.")
+        raise BadVideoError(f"{video}: the header promises {total} frames but frames {missing} could not be decoded.")
     return [kept[i] for i in wanted]
 
 
@@ -81,29 +96,48 @@ def download_subset(tmp_dir: Path) -> Path:
     return find_subset_root(tmp_dir)
 
 
-def convert(subset_root: Path, out_dir: Path, show_progress: bool = True) -> dict[str, int]:
-    """Write frames and jsonl files; returns the number of videos per split."""
+def convert(
+    subset_root: Path, out_dir: Path, show_progress: bool = True, skip_bad_videos: bool = False
+) -> dict[str, int]:
+    """Write frames and jsonl files; returns the number of videos written per split."""
     videos = {split: sorted((subset_root / split).glob("*/*.avi")) for split in SPLITS}
     classes = sorted({video.parent.name for split in SPLITS for video in videos[split]})
     if not classes:
         raise FileNotFoundError(f"{subset_root}: no .avi videos under {'/'.join(SPLITS)}/<Class>/.")
     prompt = "Classify the video into one of the following classes: " + ", ".join(classes) + "."
-    index = 0
+    index, written, skipped = 0, {}, []
     for split in SPLITS:
-        with open(out_dir / f"ucf101_{split}.jsonl", "w") as jsonl:
+        partial = out_dir / f"ucf101_{split}.jsonl.partial"
+        with open(partial, "w") as jsonl:
             for video in tqdm(videos[split], desc=f"{split} videos", disable=not show_progress):
-                relative = Path(split) / video.parent.name
-                (out_dir / "images" / relative).mkdir(parents=True, exist_ok=True)
-                paths = []
-                for k, frame in enumerate(read_frames(video)):
-                    path = relative / f"{video.stem}.{k}.jpg"
-                    frame.save(out_dir / "images" / path)
-                    paths.append(path.as_posix())
-                turn = {"images": paths, "user": prompt, "assistant": video.parent.name}
-                record = {"id": f"{split}-{index:010d}", "source": "ucf101", "conversations": [turn]}
+                try:
+                    frames = read_frames(video)
+                except BadVideoError as error:
+                    if not skip_bad_videos:
+                        partial.unlink()
+                        raise BadVideoError(f"{error} Remove the clip, or pass --skip_bad_videos.") from None
+                    skipped.append(str(error))
+                    continue
+                record = _write_clip(video, frames, split, index, prompt, out_dir)
                 jsonl.write(json.dumps(record) + "\n")
                 index += 1
-    return {split: len(videos[split]) for split in SPLITS}
+        partial.replace(out_dir / f"ucf101_{split}.jsonl")
+        written[split] = index - sum(written.values())
+    if skipped:
+        print(f"--skip_bad_videos: skipped {len(skipped)} clip(s):\n  " + "\n  ".join(skipped))
+    return written
+
+
+def _write_clip(video: Path, frames: list[Image.Image], split: str, index: int, prompt: str, out_dir: Path) -> dict:
+    relative = Path(split) / video.parent.name
+    (out_dir / "images" / relative).mkdir(parents=True, exist_ok=True)
+    paths = []
+    for k, frame in enumerate(frames):
+        path = relative / f"{video.stem}.{k}.jpg"
+        frame.save(out_dir / "images" / path)
+        paths.append(path.as_posix())
+    turn = {"images": paths, "user": prompt, "assistant": video.parent.name}
+    return {"id": f"{split}-{index:010d}", "source": "ucf101", "conversations": [turn]}
 
 
 def main() -> None:
@@ -111,17 +145,21 @@ def main() -> None:
     parser.add_argument("--video_dir", type=Path, help="(new) local UCF101_subset (or its parent); skips the download")
     parser.add_argument("--tmp_dir", type=Path, default=Path("/tmp/ucf101"), help="download folder; must not exist")
     parser.add_argument("--out_dir", type=Path, default=Path("./ucf101"), help="output folder")
+    parser.add_argument("--skip_bad_videos", action="store_true", help="(new) leave out clips that cannot be used")
     args = parser.parse_args()
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    if args.video_dir is not None:
-        counts = convert(find_subset_root(args.video_dir), args.out_dir)
-    elif args.tmp_dir.exists():
+    if args.video_dir is None and args.tmp_dir.exists():
         parser.error(f"--tmp_dir {args.tmp_dir} already exists; remove it or pick another (it is deleted afterwards).")
-    else:
-        try:
-            counts = convert(download_subset(args.tmp_dir), args.out_dir)
-        finally:
-            shutil.rmtree(args.tmp_dir, ignore_errors=True)
+    try:
+        if args.video_dir is not None:
+            counts = convert(find_subset_root(args.video_dir), args.out_dir, skip_bad_videos=args.skip_bad_videos)
+        else:
+            try:
+                counts = convert(download_subset(args.tmp_dir), args.out_dir, skip_bad_videos=args.skip_bad_videos)
+            finally:
+                shutil.rmtree(args.tmp_dir, ignore_errors=True)
+    except BadVideoError as error:
+        sys.exit(f"error: {error}")
     print(f"Wrote {counts} videos as {FRAMES_PER_VIDEO} frames each to {args.out_dir}")
 
 

@@ -9,12 +9,13 @@ uses the mini test split with the "Answer briefly." prompt, as the original.
         --use_lora --num_crops 1 --batch_size 2 --max_steps 2 --max_eval_samples 4 --output_dir /tmp/out_dv
 """
 
-import random
 from dataclasses import dataclass
 
 from phi3v.args import CAULDRON, RecipeArguments, flag, parse_args
-from phi3v.data import Conversation, Turn, load_hub_dataset
+from phi3v.data import Conversation, Turn, load_hub_source
 from phi3v.recipe import Task, run_recipe
+
+MINI_COLUMNS = ["image", "query", "answers"]
 
 
 @dataclass
@@ -25,33 +26,39 @@ class DocVQAArguments(RecipeArguments):
 
 
 def load_splits(args: DocVQAArguments):
-    mini_columns = ["image", "query", "answers"]
-    flag = "--dataset_name_or_path"
-    eval_rows = load_hub_dataset(args.dataset_name_or_path, None, "test", flag, mini_columns)
+    held_out = load_hub_source(args.dataset_name_or_path, None, "test", "--dataset_name_or_path", MINI_COLUMNS)
     if args.full_train:
         flag = "--full_train_dataset_name_or_path"
-        return load_hub_dataset(
-            args.full_train_dataset_name_or_path, "docvqa", "train", flag, ["images", "texts"]
-        ), eval_rows
-    return load_hub_dataset(args.dataset_name_or_path, None, "train", flag, mini_columns), eval_rows
+        train = load_hub_source(args.full_train_dataset_name_or_path, "docvqa", "train", flag, ["images", "texts"])
+    else:
+        train = load_hub_source(args.dataset_name_or_path, None, "train", "--dataset_name_or_path", MINI_COLUMNS)
+    return train, held_out
 
 
-def mini_conversation(row) -> Conversation:
-    """A random reference answer is the target each time the row is seen (original behaviour)."""
-    turn = Turn(f"{row['query']['en']}\nAnswer briefly.", random.choice(row["answers"]), [row["image"]])
+def mini_conversation(row, answer: str) -> Conversation:
+    turn = Turn(f"{row['query']['en']}\nAnswer briefly.", answer, [row["image"]])
     return Conversation([turn], answers=row["answers"])
 
 
-def train_conversation(row) -> Conversation:
-    if "texts" in row:  # --full_train: a random question about the image each time it is seen
-        qa = random.choice(row["texts"])
-        return Conversation([Turn(qa["user"], qa["assistant"], row["images"][:1])])
-    return mini_conversation(row)
+def train_conversation(row) -> list[Conversation]:
+    """Each time a row is seen, one of its reference answers is the target (--full_train: one of the
+    image's questions), drawn at random as the original does."""
+    if "texts" in row:
+        return [Conversation([Turn(qa["user"], qa["assistant"], row["images"][:1])]) for qa in row["texts"]]
+    return [mini_conversation(row, answer) for answer in row["answers"]]
+
+
+def eval_conversation(row) -> Conversation:
+    return mini_conversation(row, row["answers"][0])
 
 
 TASK = Task(
-    metric="anls", load_splits=load_splits, train_conversation=train_conversation, eval_conversation=mini_conversation
+    arguments=DocVQAArguments,
+    metric="anls",
+    load_splits=load_splits,
+    train_conversation=train_conversation,
+    eval_conversation=eval_conversation,
 )
 
 if __name__ == "__main__":
-    run_recipe(TASK, parse_args(DocVQAArguments))
+    run_recipe(TASK, parse_args(TASK.arguments))

@@ -22,7 +22,13 @@ def conversation(row) -> Conversation:
     return Conversation([Turn(qa["user"], qa["assistant"], row["images"][:1])])
 
 
-TASK = Task(metric="accuracy", load_splits=load_splits, train_conversation=conversation, eval_conversation=conversation)
+TASK = Task(
+    arguments=CauldronArguments,
+    metric="accuracy",
+    load_splits=load_splits,
+    train_conversation=conversation,
+    eval_conversation=conversation,
+)
 
 if __name__ == "__main__":
-    run_recipe(TASK, parse_args(CauldronArguments))
+    run_recipe(TASK, parse_args(TASK.arguments))

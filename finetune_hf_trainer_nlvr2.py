@@ -30,6 +30,7 @@ def eval_conversation(row) -> Conversation:
 
 
 TASK = Task(
+    arguments=CauldronArguments,
     metric="accuracy",
     load_splits=load_splits,
     train_conversation=train_conversation,
@@ -37,4 +38,4 @@ TASK = Task(
 )
 
 if __name__ == "__main__":
-    run_recipe(TASK, parse_args(CauldronArguments))
+    run_recipe(TASK, parse_args(TASK.arguments))

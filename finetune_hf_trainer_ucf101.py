@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from phi3v.args import RecipeArguments, flag, parse_args
-from phi3v.data import jsonl_conversation, load_jsonl_conversations
+from phi3v.data import jsonl_conversation, read_jsonl
 from phi3v.recipe import Task, run_recipe
 
 
@@ -24,13 +24,11 @@ class UCF101Arguments(RecipeArguments):
 def load_splits(args: UCF101Arguments):
     data_dir = Path(args.data_dir)
     image_dir = data_dir / "images"
-    return (
-        load_jsonl_conversations(data_dir / "ucf101_train.jsonl", image_dir),
-        load_jsonl_conversations(data_dir / "ucf101_val.jsonl", image_dir),
-    )
+    return read_jsonl(data_dir / "ucf101_train.jsonl", image_dir), read_jsonl(data_dir / "ucf101_val.jsonl", image_dir)
 
 
 TASK = Task(
+    arguments=UCF101Arguments,
     metric="accuracy",
     load_splits=load_splits,
     train_conversation=jsonl_conversation,
@@ -38,4 +36,4 @@ TASK = Task(
 )
 
 if __name__ == "__main__":
-    run_recipe(TASK, parse_args(UCF101Arguments))
+    run_recipe(TASK, parse_args(TASK.arguments))

@@ -57,6 +57,20 @@ class RecipeArguments:
     seed: int = flag(42, "(new flag, Trainer's default) random seed")
     deepspeed: str = flag("ds_configs/zero2.json", "(new) DeepSpeed config for full finetuning; 'none' for plain DDP")
     trust_remote_code: bool = flag(False, "(new) allow code shipped with the checkpoint to run")
+    save_steps: int | None = flag(
+        None, "(new) write a checkpoint every N optimizer steps (default: none, as the original)"
+    )
+    save_total_limit: int | None = flag(None, "(new) keep only the newest K complete checkpoints")
+    resume_from_checkpoint: str | None = flag(
+        None, "(new) continue a run from a checkpoint folder, or 'latest' (the newest complete one in --output_dir)"
+    )
+    overwrite_output_dir: bool = flag(False, "(new) start over in an --output_dir that holds a run (deletes it)")
+    max_length: int | None = flag(
+        None, "(new) longest training sample in tokens; longer ones stop the run (image tokens are never cut)"
+    )
+    skip_bad_samples: bool = flag(
+        False, "(new) drop bad or too long samples (counted, listed in skipped_samples.jsonl) instead of stopping"
+    )
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_crops <= 16:
@@ -66,8 +80,9 @@ class RecipeArguments:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
         if self.dataloader_num_workers < 0:
             raise ValueError(f"--dataloader_num_workers must be 0 or more, got {self.dataloader_num_workers}.")
-        if self.max_eval_samples is not None and self.max_eval_samples < 1:
-            raise ValueError(f"--max_eval_samples must be at least 1, got {self.max_eval_samples}.")
+        for name in ("max_eval_samples", "save_steps", "save_total_limit", "max_length"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
         if self.use_qlora and not self.use_lora:
             logger.info("--use_qlora implies --use_lora.")
             self.use_lora = True
@@ -112,9 +127,12 @@ ArgsT = TypeVar("ArgsT", bound=RecipeArguments)
 
 
 def parse_args(arguments_class: type[ArgsT], argv: list[str] | None = None) -> ArgsT:
-    """Parse the command line into ``arguments_class``; unknown flags are an error."""
+    """Parse the command line into ``arguments_class``; unknown flags and bad values exit with a usage error."""
     parser = HfArgumentParser(arguments_class, allow_abbrev=False)  # a typo must not pick a flag
-    (args,) = parser.parse_args_into_dataclasses(args=argv)
+    try:
+        (args,) = parser.parse_args_into_dataclasses(args=argv)
+    except ValueError as error:  # a check of __post_init__: say it like argparse does, without a traceback
+        parser.error(str(error))
     return args
 
 

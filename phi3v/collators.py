@@ -36,7 +36,10 @@ class TrainCollator:
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         input_ids, attention_mask = pad_sequences([e["input_ids"] for e in examples], self.pad_token_id, "right")
         labels, _ = pad_sequences([e["labels"] for e in examples], IGNORE_INDEX, "right")
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, **_images(examples)}
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, **_images(examples)}
+        if "row" in examples[0]:  # where the samples came from, for messages about them (not a model input)
+            batch["rows"] = [e["row"] for e in examples]
+        return batch
 
 
 class EvalCollator:

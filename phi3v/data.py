@@ -1,12 +1,16 @@
-"""Conversations: what every recipe turns its rows into, and the one place prompts are built.
+"""Conversations, the one place prompts are built, the training/evaluation datasets, and data loading.
 
 A ``Conversation`` is a list of turns (user text, assistant answer, the turn's images). Training
-examples and evaluation prompts are both made by ``encode_conversation``, so they cannot drift:
+examples and evaluation prompts are both made by ``conversation_ids``, so they cannot drift:
 
     each turn:  <s><|user|>\\n<|image_1|>..<|image_k|>\\n{user}<|end|>\\n<|assistant|>   (processor, labels -100)
                 {assistant}<|end|>\\n<|endoftext|>                                     (labels = ids)
 
 For evaluation the last turn's answer is left out and becomes the reference.
+
+Rows come from a ``RowSource``: a hub split (or local mirror) read with undecoded images, or the lines
+of a conversation jsonl file. Rows are checked and their images decoded once before training by
+``phi3v.validate``; here they are only read.
 """
 
 from __future__ import annotations
@@ -15,16 +19,19 @@ import hashlib
 import json
 import logging
 import os
+import random
 import socket
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 import datasets
 import torch
-from PIL import Image
+
+from .images import ImageRef, load_image
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +43,7 @@ IGNORE_INDEX = -100
 class Turn:
     user: str
     assistant: str
-    images: list[Image.Image] = field(default_factory=list)
+    images: list[ImageRef] = field(default_factory=list)
 
 
 @dataclass
@@ -56,27 +63,39 @@ def user_content(turn: Turn) -> str:
     return f"{tags}\n{turn.user}"
 
 
-def encode_conversation(processor, conversation: Conversation, for_training: bool) -> dict[str, Any]:
-    """Token ids (with image placeholders), labels when training, and the turns' pixels concatenated."""
+def conversation_ids(
+    processor, conversation: Conversation, image_tokens: Sequence[Sequence[int]], for_training: bool
+) -> tuple[list[int], list[int]]:
+    """input_ids and labels of a conversation whose turn t has images of ``image_tokens[t]`` placeholders."""
     input_ids: list[int] = []
     labels: list[int] = []
-    pixel_values, image_sizes = [], []
-    for position, turn in enumerate(conversation.turns):
+    for position, (turn, counts) in enumerate(zip(conversation.turns, image_tokens, strict=True)):
         prompt = processor.tokenizer.apply_chat_template(
             [{"role": "user", "content": user_content(turn)}], tokenize=False, add_generation_prompt=True
         )
-        encoded = processor(prompt, turn.images or None)
-        prompt_ids = encoded["input_ids"][0].tolist()
+        prompt_ids = processor.prompt_ids(prompt, counts)
         input_ids += prompt_ids
         labels += [IGNORE_INDEX] * len(prompt_ids)
-        if turn.images:
-            pixel_values.append(encoded["pixel_values"])
-            image_sizes.append(encoded["image_sizes"])
         if for_training or position < len(conversation.turns) - 1:
             # no BOS before the answer: it continues the prompt
             answer_ids = processor.tokenizer(turn.assistant + ANSWER_SUFFIX, add_special_tokens=False).input_ids
             input_ids += answer_ids
             labels += answer_ids
+    return input_ids, labels
+
+
+def encode_conversation(processor, conversation: Conversation, for_training: bool) -> dict[str, Any]:
+    """Token ids (with image placeholders), labels when training, and the turns' pixels concatenated."""
+    pixel_values, image_sizes, image_tokens = [], [], []
+    for turn in conversation.turns:
+        counts = []
+        if turn.images:
+            processed = processor.image_processor([load_image(ref) for ref in turn.images])
+            pixel_values.append(processed["pixel_values"])
+            image_sizes.append(processed["image_sizes"])
+            counts = processed["num_img_tokens"]
+        image_tokens.append(counts)
+    input_ids, labels = conversation_ids(processor, conversation, image_tokens, for_training)
     example = {"input_ids": torch.tensor(input_ids, dtype=torch.long)}
     if for_training:
         example["labels"] = torch.tensor(labels, dtype=torch.long)
@@ -86,27 +105,75 @@ def encode_conversation(processor, conversation: Conversation, for_training: boo
     return example
 
 
-class ConversationDataset(torch.utils.data.Dataset):
-    """Rows (a datasets.Dataset or a list) turned into encoded examples on access."""
+def as_candidates(built: Conversation | list[Conversation]) -> list[Conversation]:
+    """What a row becomes for training: one Conversation, or a list of them to draw from."""
+    return built if isinstance(built, list) else [built]
 
-    def __init__(self, rows: Sequence, to_conversation: Callable[[Any], Conversation], processor, for_training: bool):
-        self.rows = rows
-        self.to_conversation = to_conversation
-        self.processor = processor
-        self.for_training = for_training
+
+def sample_rng(seed: int, epoch: int, row: int) -> random.Random:
+    """The random choices made for one row in one epoch (DocVQA's answer, --full_train's question).
+
+    Drawn from (seed, epoch, row) alone rather than from a dataloader worker's random state, so a resumed
+    run, a different worker count or another rank makes exactly the same choices."""
+    return random.Random(f"{seed}:{epoch}:{row}")
+
+
+class TrainingSamples(torch.utils.data.Dataset):
+    """The kept rows of a source as training examples. ``conversation(row)`` gives what a row becomes, or a
+    list of conversations of which one is drawn (with ``sample_rng``) each time the row is seen."""
+
+    def __init__(self, source: RowSource, rows: Sequence[int], conversation: Callable, processor, seed: int):
+        self.source, self.rows, self.conversation = source, list(rows), conversation
+        self.processor, self.seed, self.epoch = processor, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        conversation = self.to_conversation(self.rows[index])
-        example = encode_conversation(self.processor, conversation, self.for_training)
-        if not self.for_training:
-            example.update(index=index, answers=conversation.references())
-        return example
+        row = self.rows[index]
+        candidates = as_candidates(self.conversation(self.source.rows[row]))
+        conversation = sample_rng(self.seed, self.epoch, row).choice(candidates)
+        return {**encode_conversation(self.processor, conversation, for_training=True), "row": row}
 
 
-# --- loading: hub datasets and local folders ---------------------------------------------------------------
+class EvaluationSamples(torch.utils.data.Dataset):
+    """The kept rows of a source as evaluation prompts, with their position and reference answers."""
+
+    def __init__(self, source: RowSource, rows: Sequence[int], conversation: Callable, processor):
+        self.source, self.rows, self.conversation, self.processor = source, list(rows), conversation, processor
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        conversation = self.conversation(self.source.rows[self.rows[index]])
+        example = encode_conversation(self.processor, conversation, for_training=False)
+        return {**example, "index": index, "answers": conversation.references()}
+
+
+# --- row sources: hub datasets and jsonl files ---------------------------------------------------------------
+
+
+@dataclass
+class RowSource:
+    """The rows one split reads, how to name each for the user, and its per-row schema check."""
+
+    rows: Sequence  # indexed as the user would: dataset[i] of the hub split, or one item per jsonl line
+    indices: list[int]  # the rows this split uses, in order
+    origin: str  # e.g. "--dataset_name_or_path 'x' (config nlvr2, split train)"
+    fingerprint: str  # changes whenever the data does (the validation cache key)
+    schema_problems: Callable[[Any], list[str]]
+    locations: Sequence[str] | None = None  # jsonl: "file:line" per row
+
+    def where(self, row: int) -> str:
+        return self.locations[row] if self.locations is not None else f"{self.origin} row {row}"
+
+    def select(self, indices: Sequence[int]) -> RowSource:
+        """The same rows, this split using only ``indices``."""
+        return replace(self, indices=list(indices))
 
 
 def require_local_or_reachable(name_or_path: str, flag: str, offline_hint: str) -> None:
@@ -131,7 +198,7 @@ def require_local_or_reachable(name_or_path: str, flag: str, offline_hint: str) 
 
 
 def load_hub_dataset(name_or_path: str, config: str | None, split: str, flag: str, required: Sequence[str]):
-    """``datasets.load_dataset`` on a hub id or a local mirror of its repository, with a schema check."""
+    """``datasets.load_dataset`` on a hub id or a local mirror of its repository, with a column check."""
     require_local_or_reachable(
         name_or_path, flag, "`python -m phi3v.synthetic <task> --out DIR` writes one in the hub's layout."
     )
@@ -143,17 +210,57 @@ def load_hub_dataset(name_or_path: str, config: str | None, split: str, flag: st
             f"{flag} {name_or_path!r} (config {config}, split {split}) lacks the column(s) {missing}; it has "
             f"{rows.column_names}. Expected the schema of the hub dataset this recipe reads (see README)."
         )
-    _check_text_columns(rows, [c for c in required if c in TEXT_CHECKS], f"{flag} {name_or_path!r} ({split})")
     return rows
+
+
+class UndecodedRows(Sequence):
+    """A hub split's rows as plain Python with images left as ``{"bytes", "path"}``: they are decoded where
+    they are used, by ``phi3v.images`` (read through Arrow, so no copy of the dataset is written)."""
+
+    def __init__(self, dataset: datasets.Dataset):
+        self.table = dataset.with_format("arrow")
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.table[index].to_pylist()[0]
+
+
+def load_hub_source(
+    name_or_path: str, config: str | None, split: str, flag: str, required: Sequence[str], **checks
+) -> RowSource:
+    """A hub split (or local mirror) as a RowSource over all its rows."""
+    rows = load_hub_dataset(name_or_path, config, split, flag, required)
+    return hub_source(rows, name_or_path, config, split, flag, **checks)
+
+
+def hub_source(rows, name_or_path: str, config: str | None, split: str, flag: str, **checks) -> RowSource:
+    """All rows of a loaded hub split; ``checks`` go to ``schema_problems`` (e.g. ``images_per_row=2``)."""
+    origin = f"{flag} {name_or_path!r} ({f'config {config}, ' if config else ''}split {split})"
+    problems = partial(_hub_row_problems, columns=tuple(rows.column_names), **checks)
+    return RowSource(UndecodedRows(rows), list(range(len(rows))), origin, rows._fingerprint, problems)
+
+
+def _hub_row_problems(row: dict, columns: tuple[str, ...], images_per_row: int | None = None) -> list[str]:
+    problems = [p for column in columns if column in TEXT_CHECKS and (p := TEXT_CHECKS[column](row[column]))]
+    if "images" in columns:
+        images = row["images"]
+        if not isinstance(images, list) or not images:
+            problems.append("images must be a non-empty list of images")
+        elif images_per_row is not None and len(images) != images_per_row:
+            problems.append(f"holds {len(images)} image(s), this recipe needs exactly {images_per_row}")
+    if "image" in columns and row["image"] is None:
+        problems.append("image is missing")
+    return problems
 
 
 def _texts_problem(texts: Any) -> str | None:
     if not isinstance(texts, list) or not texts:
         return "texts must be a non-empty list"
-    if not all(isinstance(t, dict) and isinstance(t.get("user"), str) for t in texts):
-        return "every texts item needs string 'user' and 'assistant'"
-    if not all(isinstance(t.get("assistant"), str) for t in texts):
-        return "every texts item needs string 'user' and 'assistant'"
+    for number, item in enumerate(texts, start=1):
+        if not isinstance(item, dict) or not all(isinstance(item.get(k), str) for k in ("user", "assistant")):
+            return f"texts item {number} needs string 'user' and 'assistant'"
     return None
 
 
@@ -167,19 +274,8 @@ def _query_problem(query: Any) -> str | None:
     return None if isinstance(query, dict) and isinstance(query.get("en"), str) else "query needs a string 'en'"
 
 
-# Text columns whose content is checked for every row before training (images are decoded lazily).
+# Text columns whose content every row must have (the conversation builders rely on them).
 TEXT_CHECKS = {"texts": _texts_problem, "answers": _answers_problem, "query": _query_problem}
-
-
-def _check_text_columns(rows, columns: list[str], where: str) -> None:
-    problems = []
-    for column in columns:
-        for index, value in enumerate(rows[column]):
-            if (problem := TEXT_CHECKS[column](value)) is not None:
-                problems.append(f"row {index}: {problem}")
-    if problems:
-        shown = "\n  ".join(problems[:10])
-        raise ValueError(f"{len(problems)} bad row(s) in {where}:\n  {shown}")
 
 
 def _local_cache_dir(folder: Path) -> str:
@@ -195,55 +291,81 @@ def _local_cache_dir(folder: Path) -> str:
     return str(Path(datasets.config.HF_DATASETS_CACHE) / "phi3v-local" / f"{folder.name}-{digest}")
 
 
-def load_cauldron_splits(name_or_path: str, config: str, eval_size: int, images_per_row: int | None = None):
-    """the_cauldron has only a train split: rows [eval_size:] train, rows [:eval_size] evaluate (spec §1.3)."""
-    rows = load_hub_dataset(name_or_path, config, "train", "--dataset_name_or_path", ["images", "texts"])
+def load_cauldron_splits(
+    name_or_path: str, config: str, eval_size: int, images_per_row: int | None = None
+) -> tuple[RowSource, RowSource]:
+    """the_cauldron has only a train split: rows [eval_size:] train, rows [:eval_size] evaluate (spec §1.3).
+    Both sources number rows as the hub's train split does."""
+    flag = "--dataset_name_or_path"
+    rows = load_hub_dataset(name_or_path, config, "train", flag, ["images", "texts"])
     if len(rows) <= eval_size:
         raise ValueError(
-            f"--dataset_name_or_path {name_or_path!r} ({config}) has {len(rows)} rows, not more than --eval_size "
+            f"{flag} {name_or_path!r} ({config}) has {len(rows)} rows, not more than --eval_size "
             f"{eval_size}: nothing would be left to train on. Lower --eval_size."
         )
-    if images_per_row is not None:
-        # Count images without decoding them, so a bad row is reported before training.
-        counts = rows.cast_column("images", datasets.Sequence(datasets.Image(decode=False)))["images"]
-        bad = [i for i, images in enumerate(counts) if len(images) != images_per_row]
-        if bad:
-            raise ValueError(f"{config} rows {bad[:10]} do not hold exactly {images_per_row} images ({len(bad)} rows).")
-    return rows.select(range(eval_size, len(rows))), rows.select(range(eval_size))
+    source = hub_source(rows, name_or_path, config, "train", flag, images_per_row=images_per_row)
+    return source.select(range(eval_size, len(rows))), source.select(range(eval_size))
 
 
-def load_jsonl_conversations(jsonl_file: str | Path, image_dir: str | Path) -> list[dict]:
-    """Read and check every line of a conversations jsonl file (the UCF-101 / custom format) up front.
+@dataclass
+class JsonlLine:
+    """One line of a conversation jsonl file: its record (image paths made absolute) or what is wrong."""
+
+    record: dict | None
+    problems: list[str]
+
+
+def read_jsonl(jsonl_file: str | Path, image_dir: str | Path) -> RowSource:
+    """Every non-empty line of a conversations jsonl file (the UCF-101 / custom format), checked.
 
     Each line: {"id": str, "source": str, "conversations": [{"images": [path, ...], "user": str,
-    "assistant": str}, ...]} with image paths relative to ``image_dir``. Problems are reported with
-    file and line before anything trains; image paths may not leave ``image_dir``. The returned
-    records hold absolute image paths.
-    """
+    "assistant": str}, ...]} with image paths relative to ``image_dir``. A path that leaves ``image_dir``
+    (``..``, an absolute path, a symlink pointing outside) is a problem of its line and never opened."""
     jsonl_file, image_dir = Path(jsonl_file), Path(image_dir).resolve()
     if not jsonl_file.is_file():
         raise FileNotFoundError(f"{jsonl_file}: no such file.")
-    records, problems = [], []
-    for line_number, line in enumerate(jsonl_file.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{jsonl_file}:{line_number}"
-        try:
-            record = json.loads(line)
-            problems += [f"{where}: {p}" for p in _record_problems(record, image_dir)]
-            records.append(_with_absolute_paths(record, image_dir))
-        except json.JSONDecodeError as error:
-            problems.append(f"{where}: not valid JSON ({error.msg} at column {error.colno})")
-    if problems:
-        shown = "\n  ".join(problems[:20])
-        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-        raise ValueError(f"{len(problems)} problem(s) in {jsonl_file}:\n  {shown}{more}")
-    if not records:
+    text = jsonl_file.read_text()
+    lines, locations, stamps = [], [], [hashlib.sha256(text.encode()).hexdigest()]
+    for line_number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            lines.append(_read_line(line, image_dir, stamps))
+            locations.append(f"{jsonl_file}:{line_number}")
+    if not lines:
         raise ValueError(f"{jsonl_file} holds no samples.")
-    return records
+    fingerprint = hashlib.sha256("\n".join(stamps).encode()).hexdigest()
+    return RowSource(lines, list(range(len(lines))), str(jsonl_file), fingerprint, _jsonl_line_problems, locations)
 
 
-def _record_problems(record: Any, image_dir: Path) -> list[str]:
+def _jsonl_line_problems(line: JsonlLine) -> list[str]:
+    return line.problems
+
+
+def _read_line(line: str, image_dir: Path, stamps: list[str]) -> JsonlLine:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        return JsonlLine(None, [f"not valid JSON ({error.msg} at column {error.colno})"])
+    problems = _record_problems(record)
+    if problems:
+        return JsonlLine(None, problems)
+    turns = []
+    for number, turn in enumerate(record["conversations"], start=1):
+        paths = []
+        for path in turn.get("images", []):
+            resolved = (image_dir / path).resolve()
+            if not resolved.is_relative_to(image_dir):
+                problems.append(f"turn {number}: image path {path!r} leaves the image folder {image_dir}")
+            elif not resolved.is_file():
+                problems.append(f"turn {number}: image {resolved} does not exist")
+            else:
+                stat = resolved.stat()
+                stamps.append(f"{resolved}:{stat.st_size}:{stat.st_mtime_ns}")
+            paths.append(str(resolved))
+        turns.append({**turn, "images": paths})
+    return JsonlLine(None if problems else {**record, "conversations": turns}, problems)
+
+
+def _record_problems(record: Any) -> list[str]:
     if not isinstance(record, dict):
         return ["a line must be a JSON object"]
     turns = record.get("conversations")
@@ -260,35 +382,9 @@ def _record_problems(record: Any, image_dir: Path) -> list[str]:
         images = turn.get("images", [])
         if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
             problems.append(f'turn {number}: "images" must be a list of paths')
-            continue
-        for path in images:
-            resolved = (image_dir / path).resolve()
-            if not resolved.is_relative_to(image_dir):
-                problems.append(f"turn {number}: image path {path!r} leaves the image folder {image_dir}")
-            elif not resolved.is_file():
-                problems.append(f"turn {number}: image {resolved} does not exist")
     return problems
 
 
-def _with_absolute_paths(record: Any, image_dir: Path) -> Any:
-    try:
-        turns = [
-            {**turn, "images": [str(image_dir / p) for p in turn.get("images", [])]} for turn in record["conversations"]
-        ]
-        return {**record, "conversations": turns}
-    except (TypeError, KeyError, AttributeError):
-        return record  # malformed: already reported by _record_problems
-
-
-def jsonl_conversation(record: dict) -> Conversation:
-    """A record from ``load_jsonl_conversations`` as a Conversation, its images opened."""
-    turns = [
-        Turn(turn["user"], turn["assistant"], [_open_rgb(Path(p)) for p in turn.get("images", [])])
-        for turn in record["conversations"]
-    ]
-    return Conversation(turns)
-
-
-def _open_rgb(path: Path) -> Image.Image:
-    with Image.open(path) as image:
-        return image.convert("RGB")
+def jsonl_conversation(line: JsonlLine) -> Conversation:
+    """A checked jsonl line as a Conversation (images as paths, opened when encoded)."""
+    return Conversation([Turn(t["user"], t["assistant"], t["images"]) for t in line.record["conversations"]])

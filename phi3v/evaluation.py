@@ -10,16 +10,18 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 
 import Levenshtein
 import torch
-import torch.distributed as dist
 from accelerate import PartialState
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from .collators import EvalCollator
+from .distributed import gathered
+from .preemption import start_dataloader_worker
 
 logger = logging.getLogger(__name__)
 
@@ -70,15 +72,6 @@ def shard_indices(num_samples: int, rank: int, world_size: int) -> list[int]:
     return list(range(rank, num_samples, world_size))
 
 
-def gather_results(results: list[dict]) -> list[dict]:
-    """All ranks' results, concatenated in rank order, on every rank."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return results
-    per_rank: list[list[dict] | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(per_rank, results)
-    return [result for rank_results in per_rank for result in rank_results]
-
-
 def restore_order(results: list[dict], num_samples: int) -> list[dict]:
     """Sort gathered results by dataset index and check that each sample appears exactly once."""
     ordered = sorted(results, key=lambda r: r["index"])
@@ -108,6 +101,7 @@ def generate_answers(
         collate_fn=EvalCollator(processor.tokenizer.pad_token_id),
         num_workers=num_workers,
         prefetch_factor=2 if num_workers else None,
+        worker_init_fn=partial(start_dataloader_worker, None),
     )
     device = next(model.parameters()).device
     results = []
@@ -151,19 +145,19 @@ def evaluate(
         model, processor, dataset, indices, batch_size, max_new_tokens, show_progress, num_workers
     )
     model.train(was_training)
-    gathered = restore_order(gather_results(results), len(dataset))
+    ordered = restore_order(gathered(results), len(dataset))
     if not state.is_main_process:
         return None
-    predictions = [r["generated_text"] for r in gathered]
-    references = [r["answers"] for r in gathered]
+    predictions = [r["generated_text"] for r in ordered]
+    references = [r["answers"] for r in ordered]
     score = METRICS[metric](predictions, references)
     output_file.parent.mkdir(parents=True, exist_ok=True)
     report = {
         "answers_unique": references,
         "generated_texts_unique": predictions,
         metric: score,
-        "num_samples": len(gathered),
+        "num_samples": len(ordered),
     }
     output_file.write_text(json.dumps(report, indent=2) + "\n")
-    logger.info("%s = %.4f on %d samples (%s)", metric, score, len(gathered), output_file)
+    logger.info("%s = %.4f on %d samples (%s)", metric, score, len(ordered), output_file)
     return score

@@ -94,6 +94,13 @@ class Phi3VImageEmbedding(nn.Module):
         # glb_GN carries the model's compute dtype even when the projector's Linear layers are 4-bit.
         return self.img_projection(torch.cat(tokens).to(self.glb_GN.dtype))
 
+    def blank_image_features(self) -> torch.Tensor:
+        """Features of one blank single-crop image: the whole image path, for a batch that has no image."""
+        reference = self.glb_GN
+        pixels = torch.zeros(1, 2, 3, self.crop_size, self.crop_size, dtype=reference.dtype, device=reference.device)
+        sizes = torch.tensor([[self.crop_size, self.crop_size]], device=reference.device)
+        return self(pixels, sizes)
+
     def _crop_grids(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> list[tuple[int, int]]:
         if pixel_values.dim() != 5 or len(pixel_values) != len(image_sizes):
             raise ValueError(
@@ -186,6 +193,10 @@ class Phi3VModel(Phi3Model, Phi3VPreTrainedModel):
                     f"{features.shape[0]}. Build input_ids with the Phi3VProcessor of the same num_crops."
                 )
             inputs_embeds = inputs_embeds.masked_scatter(is_image.unsqueeze(-1), features)
+        elif self.training and any(p.requires_grad for p in self.vision_embed_tokens.parameters()):
+            # DDP and DeepSpeed need every trainable parameter in every backward pass, on every rank: a batch
+            # without images runs the image path once on a blank crop and adds it times zero (zero gradient).
+            inputs_embeds = inputs_embeds + 0.0 * self.vision_embed_tokens.blank_image_features().sum()
         return self.embed_dropout(inputs_embeds)
 
     def forward(

@@ -31,6 +31,17 @@ def num_image_tokens(rows: int, cols: int, num_img_tokens: int = 144) -> int:
     return (rows * cols + 1) * num_img_tokens + 1 + (rows + 1) * side
 
 
+def check_image_tags(text: str, num_images: int) -> None:
+    """Tags must be ``<|image_1|>`` .. ``<|image_n|>``, each once and in order, for n images."""
+    tags = IMAGE_TAG.findall(text)
+    expected = [f"<|image_{k}|>" for k in range(1, num_images + 1)]
+    if tags != expected:
+        raise ValueError(
+            f"The prompt's image tags {tags} do not match the {num_images} image(s) given: expected "
+            f"{expected} (each tag once, numbered from 1, in order). Prompt: {text[:200]!r}"
+        )
+
+
 def pad_sequences(sequences: list[torch.Tensor], value: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack 1-D tensors into [B, L_max] padded with ``value`` on ``side`` ("left" or "right"), and
     return the 0/1 attention mask built from the lengths (never from comparing ids with ``value``)."""
@@ -44,12 +55,10 @@ def pad_sequences(sequences: list[torch.Tensor], value: int, side: str) -> tuple
     return batch, mask
 
 
-def hd_canvas(image: Image.Image, num_crops: int, crop_size: int = 336) -> Image.Image:
-    """Resize onto the largest grid of crop_size crops that fits num_crops, padding the short side white."""
-    transposed = image.width < image.height
-    if transposed:  # work with the long side horizontal
-        image = image.transpose(Image.Transpose.TRANSPOSE)
-    ratio = image.width / image.height
+def _hd_resize(width: int, height: int, num_crops: int, crop_size: int) -> tuple[int, int]:
+    """(new_width, new_height) of the resize, for an image already turned long side horizontal: the largest
+    scale s with s * ceil(s / ratio) <= num_crops, width s * crop_size, height int(width / ratio)."""
+    ratio = width / height
     scale = 1
     while scale * math.ceil(scale / ratio) <= num_crops:
         scale += 1
@@ -58,9 +67,28 @@ def hd_canvas(image: Image.Image, num_crops: int, crop_size: int = 336) -> Image
     new_height = int(new_width / ratio)
     if new_height < 1:
         raise ValueError(
-            f"Image of {image.width}x{image.height} pixels is too elongated for the HD transform "
-            f"(aspect ratio {ratio:.0f}:1 would resize it to a height of 0)."
+            f"Image of {width}x{height} pixels is too elongated for the HD transform at num_crops {num_crops} "
+            f"(aspect ratio {ratio:.0f}:1 would resize it to a height of 0). Crop or pad it, or raise --num_crops."
         )
+    return new_width, new_height
+
+
+def canvas_grid(width: int, height: int, num_crops: int, crop_size: int = 336) -> tuple[int, int]:
+    """(rows, cols) of crops the HD transform gives a width x height image, without touching pixels."""
+    transposed = width < height
+    if transposed:
+        width, height = height, width
+    new_width, new_height = _hd_resize(width, height, num_crops, crop_size)
+    rows, cols = math.ceil(new_height / crop_size), new_width // crop_size
+    return (cols, rows) if transposed else (rows, cols)
+
+
+def hd_canvas(image: Image.Image, num_crops: int, crop_size: int = 336) -> Image.Image:
+    """Resize onto the largest grid of crop_size crops that fits num_crops, padding the short side white."""
+    transposed = image.width < image.height
+    if transposed:  # work with the long side horizontal
+        image = image.transpose(Image.Transpose.TRANSPOSE)
+    new_width, new_height = _hd_resize(image.width, image.height, num_crops, crop_size)
     image = image.resize((new_width, new_height), Image.Resampling.BILINEAR)
     padded_height = math.ceil(new_height / crop_size) * crop_size
     canvas = Image.new("RGB", (new_width, padded_height), (255, 255, 255))
@@ -68,6 +96,15 @@ def hd_canvas(image: Image.Image, num_crops: int, crop_size: int = 336) -> Image
     if transposed:
         canvas = canvas.transpose(Image.Transpose.TRANSPOSE)
     return canvas
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """``image.convert("RGB")`` as the official processor does, except for 16-bit images, which PIL would
+    clip to 0..255 (a 16-bit scan turns almost white): those are scaled down to 8 bits first."""
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):  # PNG's 16-bit greyscale opens as I or I;16
+        pixels = np.asarray(image, dtype=np.float64) * (255.0 / 65535.0)
+        image = Image.fromarray(np.clip(pixels, 0, 255).round().astype(np.uint8), mode="L")
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 class Phi3VImagesKwargs(ImagesKwargs, total=False):
@@ -119,11 +156,16 @@ class Phi3VImageProcessor(BaseImageProcessor):
             }
         )
 
+    def num_tokens_for_size(self, width: int, height: int, num_crops: int | None = None) -> int:
+        """Placeholder count of a width x height image, from its size alone (what preprocessing would give)."""
+        rows, cols = canvas_grid(width, height, num_crops or self.num_crops, self.crop_size)
+        return num_image_tokens(rows, cols, self.num_img_tokens)
+
     def _process_one(self, image: Image.Image, num_crops: int) -> tuple[torch.Tensor, list[int], int]:
         if not isinstance(image, Image.Image):
             raise TypeError(f"Phi3VImageProcessor expects PIL images, got {type(image).__name__}.")
-        if self.do_convert_rgb and image.mode != "RGB":
-            image = image.convert("RGB")
+        if self.do_convert_rgb:
+            image = to_rgb(image)
         canvas = self._normalize(hd_canvas(image, num_crops, self.crop_size))  # [3, H, W]
         size = self.crop_size
         global_view = F.interpolate(canvas[None], size=(size, size), mode="bicubic", align_corners=False)
@@ -172,22 +214,25 @@ class Phi3VProcessor(ProcessorMixin):
 
     def _encode(self, text: str, images, num_crops: int | None) -> dict:
         images = [images] if isinstance(images, Image.Image) else list(images or [])
-        tags = IMAGE_TAG.findall(text)
-        expected = [f"<|image_{k}|>" for k in range(1, len(images) + 1)]
-        if tags != expected:
-            raise ValueError(
-                f"The prompt's image tags {tags} do not match the {len(images)} image(s) given: expected "
-                f"{expected} (each tag once, numbered from 1, in order). Prompt: {text[:200]!r}"
-            )
-        chunks = [self.tokenizer(chunk).input_ids for chunk in IMAGE_TAG.split(text)]
         sample = {"pixel_values": None, "image_sizes": None}
-        input_ids = list(chunks[0])
+        num_img_tokens = []
         if images:
+            check_image_tags(text, len(images))  # before the pixels: a bad prompt fails fast
             processed = self.image_processor(images, num_crops=num_crops)
             sample = {"pixel_values": processed["pixel_values"], "image_sizes": processed["image_sizes"]}
-            for k, (count, chunk) in enumerate(zip(processed["num_img_tokens"], chunks[1:]), start=1):
-                input_ids += [-k] * count + list(chunk)
-        return {**sample, "input_ids": torch.tensor(input_ids, dtype=torch.long)}
+            num_img_tokens = processed["num_img_tokens"]
+        return {**sample, "input_ids": torch.tensor(self.prompt_ids(text, num_img_tokens), dtype=torch.long)}
+
+    def prompt_ids(self, text: str, num_img_tokens: Sequence[int]) -> list[int]:
+        """Token ids of a prompt whose k-th image tag stands for ``num_img_tokens[k-1]`` placeholders (-k).
+
+        Every text chunk is tokenized with its own ``<s>``, as the official processor does."""
+        check_image_tags(text, len(num_img_tokens))
+        chunks = [self.tokenizer(chunk).input_ids for chunk in IMAGE_TAG.split(text)]
+        input_ids = list(chunks[0])
+        for k, (count, chunk) in enumerate(zip(num_img_tokens, chunks[1:]), start=1):
+            input_ids += [-k] * count + list(chunk)
+        return input_ids
 
     def _left_pad(self, samples: list[dict]) -> BatchFeature:
         ids = [s["input_ids"] for s in samples]
@@ -210,4 +255,13 @@ class Phi3VProcessor(ProcessorMixin):
         return ["input_ids", "attention_mask", "pixel_values", "image_sizes"]
 
 
-__all__ = ["Phi3VImageProcessor", "Phi3VProcessor", "hd_canvas", "num_image_tokens", "pad_sequences"]
+__all__ = [
+    "Phi3VImageProcessor",
+    "Phi3VProcessor",
+    "canvas_grid",
+    "check_image_tags",
+    "hd_canvas",
+    "num_image_tokens",
+    "pad_sequences",
+    "to_rgb",
+]

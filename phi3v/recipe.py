@@ -1,14 +1,21 @@
-"""The recipe every script runs: evaluate, train, save, reload, evaluate (spec §1).
+"""The recipe every script runs: check, evaluate, train, save, reload, evaluate (spec §1).
 
-A script supplies a ``Task``: how to load its splits, how a row becomes a training or evaluation
-``Conversation``, and its metric. Everything else is shared, so the four scripts differ only there.
+A script supplies a ``Task``: its flags, how to load its splits, what a row becomes for training and
+for evaluation, and its metric. Everything else is shared, so the scripts differ only there.
+
+    check --output_dir (resume point) -> load and validate every sample -> load the model
+    -> evaluate (skipped on resume when eval_before.json exists) -> train (checkpoints, preemption)
+    -> save -> reload (LoRA, ZeRO-3) -> evaluate
 """
 
 from __future__ import annotations
 
 import gc
+import importlib.util
+import json
 import logging
-from collections.abc import Callable, Sequence
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -16,10 +23,14 @@ from typing import Any
 
 import torch
 import transformers
+from accelerate import PartialState
 
-from .args import RecipeArguments, gradient_accumulation_steps
-from .data import Conversation, ConversationDataset
+from .args import REPO_ROOT, RecipeArguments, gradient_accumulation_steps
+from .checkpoints import prepare_output_dir
+from .data import Conversation, EvaluationSamples, RowSource, TrainingSamples
+from .errors import RecipeError
 from .evaluation import evaluate
+from .preemption import StopRequest
 from .training import (
     load_model,
     load_processor,
@@ -28,25 +39,43 @@ from .training import (
     setup_distributed,
     train_and_save,
 )
+from .validate import validate_recipe_data, write_skipped
 
 logger = logging.getLogger("phi3v")
 
 
 @dataclass
 class Task:
+    arguments: type[RecipeArguments]  # the script's flags
     metric: str  # "anls" or "accuracy"
-    load_splits: Callable[[Any], tuple[Sequence, Sequence]]  # args -> (train rows, eval rows)
-    train_conversation: Callable[[Any], Conversation]
+    load_splits: Callable[[Any], tuple[RowSource, RowSource]]  # args -> (training rows, evaluation rows)
+    # What a row becomes for training, or a list of conversations of which one is drawn at random each
+    # time the row is seen (DocVQA: one per reference answer, as the original's random.choice).
+    train_conversation: Callable[[Any], Conversation | list[Conversation]]
     eval_conversation: Callable[[Any], Conversation]
 
 
-def _first(rows: Sequence, count: int | None) -> Sequence:
-    if count is None or count >= len(rows):
-        return rows
-    return rows.select(range(count)) if hasattr(rows, "select") else rows[:count]
+def load_task(script: str) -> Task:
+    """The ``TASK`` of a recipe script, by path or short name ("docvqa" for finetune_hf_trainer_docvqa.py)."""
+    path = Path(script)
+    if not path.is_file():
+        path = REPO_ROOT / f"finetune_hf_trainer_{script}.py"
+    if not path.is_file():
+        raise SystemExit(f"error: {script}: no such recipe script (give its path, or docvqa, nlvr2, ...)")
+    sys.path.insert(0, str(path.parent))
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.TASK
 
 
-def _setup_logging(is_main_process: bool) -> None:
+def load_sources(task: Task, args: RecipeArguments) -> tuple[RowSource, RowSource]:
+    """The task's splits, evaluation limited to --max_eval_samples."""
+    train, held_out = task.load_splits(args)
+    return train, held_out.select(held_out.indices[: args.max_eval_samples])
+
+
+def setup_logging(is_main_process: bool) -> None:
     level = logging.INFO if is_main_process else logging.WARNING
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level)
     logging.getLogger("phi3v").setLevel(level)
@@ -56,9 +85,20 @@ def _setup_logging(is_main_process: bool) -> None:
 
 
 def run_recipe(task: Task, args: RecipeArguments) -> dict[str, float | None]:
-    """Evaluate before training, train and save, evaluate after; returns both scores (rank 0)."""
+    """Run the recipe; a problem the user must fix ends it with its message and exit status 1."""
     state = setup_distributed(args)
-    _setup_logging(state.is_main_process)
+    setup_logging(state.is_main_process)
+    try:
+        return _run(task, args, state)
+    except RecipeError as error:
+        if state.is_main_process:
+            logger.error("%s", error)
+        sys.exit(1)
+    finally:
+        state.destroy_process_group()  # a clean exit: gloo threads left running can abort the process
+
+
+def _run(task: Task, args: RecipeArguments, state) -> dict[str, float | None]:
     accumulation = gradient_accumulation_steps(args.batch_size, state.num_processes, args.batch_size_per_gpu)
     logger.info(
         "World size %d, gradient accumulation %d, per-device batch %d",
@@ -67,12 +107,15 @@ def run_recipe(task: Task, args: RecipeArguments) -> dict[str, float | None]:
         args.batch_size_per_gpu,
     )
     output_dir = Path(args.output_dir)
+    resume_from = prepare_output_dir(args)
     processor = load_processor(args)
     with state.main_process_first():
-        train_rows, eval_rows = task.load_splits(args)
-    eval_rows = _first(eval_rows, args.max_eval_samples)
-    train_set = ConversationDataset(train_rows, task.train_conversation, processor, for_training=True)
-    eval_set = ConversationDataset(eval_rows, task.eval_conversation, processor, for_training=False)
+        train, held_out = load_sources(task, args)
+    checked = validate_recipe_data(task, args, processor, train, held_out)
+    if state.is_main_process:
+        write_skipped(checked, output_dir)
+    train_set = TrainingSamples(train, checked.train_rows, task.train_conversation, processor, args.seed)
+    eval_set = EvaluationSamples(held_out, checked.eval_rows, task.eval_conversation, processor)
     logger.info("%d training samples, %d evaluation samples", len(train_set), len(eval_set))
 
     run_evaluation = partial(
@@ -85,11 +128,18 @@ def run_recipe(task: Task, args: RecipeArguments) -> dict[str, float | None]:
         max_new_tokens=args.max_new_tokens,
         show_progress=not args.no_tqdm,
     )
-
+    stop_request = StopRequest(announce=state.is_main_process).install()
     model = load_model(args, quantize=args.use_qlora)
-    before = run_evaluation(model, output_file=output_dir / "eval_before.json")
+    before = _evaluate_before(run_evaluation, model, output_dir, task.metric, resume_from)
+    if stop_request.signal is not None:
+        _stop_for_signal(stop_request, "before training started; nothing to resume, rerun the command")
+    transformers.set_seed(args.seed)  # LoRA's random initialisation, the same for the same --seed
     model = prepare_for_training(model, args)
-    model = train_and_save(model, processor, train_set, args, accumulation)
+    model = train_and_save(model, processor, train_set, args, accumulation, resume_from, stop_request, train.where)
+    if model is None:
+        checkpoint = output_dir / f"checkpoint-{stop_request.stopped_at_step}"
+        _stop_for_signal(stop_request, f"{checkpoint} is complete; rerun the same command with "
+                                       "--resume_from_checkpoint latest to continue")  # fmt: skip
     if args.use_lora or args.uses_zero3:  # free the training model before loading the saved one
         del model
         gc.collect()
@@ -100,5 +150,20 @@ def run_recipe(task: Task, args: RecipeArguments) -> dict[str, float | None]:
     if state.is_main_process:
         logger.info("%s before training: %.4f, after training: %.4f", task.metric, before, after)
     state.wait_for_everyone()
-    state.destroy_process_group()  # a clean exit: gloo threads left running can abort the process
     return {"before": before, "after": after}
+
+
+def _evaluate_before(run_evaluation, model, output_dir: Path, metric: str, resume_from: str | None) -> float | None:
+    """The evaluation before training, or on resume the score already in eval_before.json."""
+    done = output_dir / "eval_before.json"
+    if resume_from is not None and done.is_file():
+        score = json.loads(done.read_text())[metric]
+        logger.info("Resuming: the evaluation before training is in %s (%s %.4f), not redone", done, metric, score)
+        return score
+    return run_evaluation(model, output_file=done)
+
+
+def _stop_for_signal(stop_request: StopRequest, what_now: str) -> None:
+    if PartialState().is_main_process:
+        logger.warning("Stopped by %s: %s.", stop_request.name, what_now)
+    raise SystemExit(stop_request.exit_code)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import random
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import av
@@ -134,14 +135,18 @@ def _docvqa_question(rng: random.Random) -> tuple[str, str, str, str]:
     return colour, shape, word, rng.choice([DOCVQA_COLOUR_QUESTION, DOCVQA_SHAPE_QUESTION])
 
 
-def docvqa_mini_row(index: int, rng: random.Random) -> dict:
+# Spellings of one answer, as DocVQA lists several acceptable answers for many questions.
+ANSWER_VARIANTS = (str, str.upper, str.title)
+
+
+def docvqa_mini_row(index: int, rng: random.Random, answer_variants: int = 1) -> dict:
     colour, shape, word, question = _docvqa_question(rng)
     answer = colour if question == DOCVQA_COLOUR_QUESTION else shape
     return {
         "id": f"synthetic_{index}",
         "image": document_image(colour, shape, word, seed=index),
         "query": {lang: question for lang in ("de", "en", "es", "fr", "it")},
-        "answers": [answer],
+        "answers": [spell(answer) for spell in ANSWER_VARIANTS[:answer_variants]],
         "words": [word.upper()],
         "bounding_boxes": [[12.0, 8.0, 100.0, 36.0]],
         "answer": {"match_score": 1.0, "matched_text": answer, "start": 0, "text": answer},
@@ -188,15 +193,17 @@ def _rows(make_row: Callable[[int, random.Random], dict], count: int, start: int
     return [make_row(start + i, rng) for i in tqdm(range(count), desc=desc, leave=False)]
 
 
-def write_docvqa(out: Path, num_train: int = 200, num_test: int = 40, seed: int = 0) -> None:
-    """nielsr/docvqa_1200_examples layout at `out`, and the_cauldron's docvqa config at `out/the_cauldron`."""
+def write_docvqa(out: Path, num_train: int = 200, num_test: int = 40, seed: int = 0, answer_variants: int = 1) -> None:
+    """nielsr/docvqa_1200_examples layout at `out`, and the_cauldron's docvqa config at `out/the_cauldron`.
+    ``answer_variants`` (1 to 3) reference answers per question: the answer, upper-case, title-case."""
+    make_row = partial(docvqa_mini_row, answer_variants=answer_variants)
     _write_split(
-        _rows(docvqa_mini_row, num_train, 0, seed, "docvqa train"),
+        _rows(make_row, num_train, 0, seed, "docvqa train"),
         DOCVQA_MINI_FEATURES,
         out / "data" / "train-00000-of-00001.parquet",
     )
     _write_split(
-        _rows(docvqa_mini_row, num_test, num_train, seed + 1, "docvqa test"),
+        _rows(make_row, num_test, num_train, seed + 1, "docvqa test"),
         DOCVQA_MINI_FEATURES,
         out / "data" / "test-00000-of-00001.parquet",
     )
@@ -263,10 +270,11 @@ def main() -> None:
         "--eval_size (default 700); ucf101 training clips per class (default 4)",
     )
     parser.add_argument("--num_test", type=int, default=40, help="DocVQA test rows")
+    parser.add_argument("--answer_variants", type=int, default=1, choices=[1, 2, 3], help="DocVQA answers per question")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if args.task == "docvqa":
-        write_docvqa(args.out, args.num_train or 200, args.num_test, args.seed)
+        write_docvqa(args.out, args.num_train or 200, args.num_test, args.seed, args.answer_variants)
     elif args.task == "ucf101":
         write_ucf101(args.out, {"train": args.num_train or 4, "val": 1, "test": 1}, args.seed)
     else:

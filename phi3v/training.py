@@ -10,17 +10,29 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from collections.abc import Callable
+from functools import partial
 
 import torch
 from accelerate import PartialState
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM, AutoProcessor, BitsAndBytesConfig, Trainer, TrainingArguments
+from transformers import (
+    AutoModelForCausalLM,
+    AutoProcessor,
+    BitsAndBytesConfig,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from .args import RecipeArguments
+from .checkpoints import CheckpointCallback
 from .collators import TrainCollator
 from .data import require_local_or_reachable
+from .guards import GradientWatch, LossGuard, trainable_parameter_table
 from .modeling import Phi3VForCausalLM
+from .preemption import PreemptionCallback, StopRequest, start_dataloader_worker
 
 logger = logging.getLogger(__name__)
 
@@ -159,9 +171,7 @@ def prepare_for_training(model: Phi3VForCausalLM, args: RecipeArguments) -> Phi3
         freeze_vision_tower(model)
     if args.use_lora:
         model = apply_lora(model, args)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    logger.info("Trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    logger.info("Trainable parameters:\n%s", trainable_parameter_table(model))
     return model
 
 
@@ -187,7 +197,12 @@ def build_training_args(args: RecipeArguments, accumulation_steps: int) -> Train
         lr_scheduler_type="linear",
         warmup_steps=args.warmup_steps,
         logging_steps=args.logging_steps,
-        save_strategy="no",
+        logging_nan_inf_filter=False,  # a nan loss is logged as nan, not replaced by the running average
+        # The original saved nothing until the end; --save_steps writes checkpoints. Rotation is done by
+        # CheckpointCallback, after a checkpoint is known to be complete.
+        save_strategy="steps" if args.save_steps else "no",
+        save_steps=args.save_steps or 500,
+        save_total_limit=None,
         bf16=on_gpu and args.bf16,
         fp16=on_gpu and not args.bf16,
         use_cpu=not on_gpu,
@@ -203,18 +218,72 @@ def build_training_args(args: RecipeArguments, accumulation_steps: int) -> Train
     )
 
 
-def train_and_save(model, processor, train_dataset, args: RecipeArguments, accumulation_steps: int) -> Phi3VForCausalLM:
-    """Train, save the model (adapters only for LoRA) and the processor to --output_dir, and return the
-    trained model without its DDP/DeepSpeed wrapper."""
+class RecipeTrainer(Trainer):
+    """The HF Trainer, with every micro-batch's loss shown to a LossGuard (with the rows it came from) and
+    dataloader workers that leave stop signals to the main process."""
+
+    def __init__(self, *args, loss_guard: LossGuard, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.loss_guard = loss_guard
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        rows = inputs.pop("rows", [])
+        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        self.loss_guard.observe(result[0] if return_outputs else result, rows)
+        return result
+
+    def get_train_dataloader(self):
+        loader = super().get_train_dataloader()
+        torch_loader = getattr(loader, "base_dataloader", loader)  # accelerate wraps torch's DataLoader
+        torch_loader.worker_init_fn = partial(start_dataloader_worker, torch_loader.worker_init_fn)
+        return loader
+
+
+class EpochCallback(TrainerCallback):
+    """Tells the dataset which epoch starts, for its per-(epoch, row) random choices."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.dataset.set_epoch(int(state.epoch))  # state.epoch is fractional only mid-epoch (a resumed run)
+        return control
+
+
+def train_and_save(
+    model,
+    processor,
+    train_dataset,
+    args: RecipeArguments,
+    accumulation_steps: int,
+    resume_from: str | None,
+    stop_request: StopRequest,
+    describe_row: Callable[[int], str],
+) -> Phi3VForCausalLM | None:
+    """Train (resuming from ``resume_from``), save the model (adapters only for LoRA) and the processor to
+    --output_dir, and return the trained model without its DDP/DeepSpeed wrapper. Returns None when a stop
+    signal ended training early: a checkpoint was written instead."""
     training_args = build_training_args(args, accumulation_steps)
     logger.info("Trainer: %s over %d process(es)", training_args.parallel_mode.value, training_args.world_size)
-    trainer = Trainer(
+    loss_guard = LossGuard(describe_row)
+    callbacks = [
+        EpochCallback(train_dataset),
+        CheckpointCallback(args.save_total_limit),
+        loss_guard,
+        GradientWatch(model),
+        PreemptionCallback(stop_request),
+    ]
+    trainer = RecipeTrainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
         data_collator=TrainCollator(processor.tokenizer.pad_token_id),
+        callbacks=callbacks,
+        loss_guard=loss_guard,
     )
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume_from)
+    if stop_request.stopped_at_step is not None:
+        return None
     trainer.save_model()
     state = PartialState()
     if state.is_main_process:

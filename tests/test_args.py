@@ -30,19 +30,31 @@ def test_implied_flags():
         (["--num_crops", "0"], "num_crops"),
         (["--batch_size", "0"], "batch_size"),
         (["--max_eval_samples", "0"], "max_eval_samples"),
+        (["--save_steps", "0"], "save_steps must be at least 1"),
+        (["--save_total_limit", "0"], "save_total_limit must be at least 1"),
+        (["--max_length", "0"], "max_length must be at least 1"),
         (["--deepspeed", "missing.json"], "no such file"),
     ],
 )
-def test_bad_flags_fail_before_anything_loads(argv, message):
-    with pytest.raises(ValueError, match=message):
+def test_bad_flags_fail_before_anything_loads(argv, message, capsys):
+    """A usage error naming the flag (exit status 2, as argparse), not a traceback."""
+    with pytest.raises(SystemExit) as exit_info:
         parse_args(RecipeArguments, argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
 
 
-def test_unknown_flag_is_an_error():
-    with pytest.raises(ValueError, match="not used"):
-        parse_args(RecipeArguments, ["--learning-rat", "1"])
-    with pytest.raises(ValueError, match="not used"):
-        parse_args(RecipeArguments, ["--not_a_flag"])
+def test_unknown_flag_is_an_error(capsys):
+    for argv in (["--learning-rat", "1"], ["--not_a_flag"]):
+        with pytest.raises(SystemExit):
+            parse_args(RecipeArguments, argv)
+        assert "not used" in capsys.readouterr().err
+
+
+def test_checkpoint_and_data_flags_default_to_the_original_behaviour():
+    args = parse_args(RecipeArguments, [])
+    assert args.save_steps is None and args.save_total_limit is None and args.resume_from_checkpoint is None
+    assert args.max_length is None and not args.skip_bad_samples and not args.overwrite_output_dir
 
 
 @pytest.mark.parametrize(

@@ -15,14 +15,21 @@ from tokenizers import Tokenizer
 from phi3v.collators import EvalCollator, TrainCollator
 from phi3v.data import (
     Conversation,
-    ConversationDataset,
+    EvaluationSamples,
+    RowSource,
+    TrainingSamples,
     Turn,
     encode_conversation,
     jsonl_conversation,
     load_cauldron_splits,
-    load_jsonl_conversations,
+    read_jsonl,
+    sample_rng,
 )
 from phi3v.synthetic import CAULDRON_FEATURES, DOCVQA_MINI_FEATURES, write_cauldron, write_docvqa
+
+
+def list_source(rows: list) -> RowSource:
+    return RowSource(rows, list(range(len(rows))), "test rows", "test", lambda row: [])
 
 
 def image(width=90, height=60, seed=0):
@@ -88,12 +95,11 @@ def test_evaluation_prompt_is_the_training_example_without_the_last_answer(tiny_
 
 
 def test_train_collator_pads_right_and_keeps_the_final_endoftext(tiny_processor):
-    dataset = ConversationDataset(
-        [("Which colour?", "red", 1), ("Is there a shape on the left of the image?", "no", 2)],
-        lambda row: Conversation([Turn(row[0], row[1], [image(seed=row[2])])]),
-        tiny_processor,
-        for_training=True,
-    )
+    rows = [("Which colour?", "red", 1), ("Is there a shape on the left of the image?", "no", 2)]
+    dataset = TrainingSamples(
+        list_source(rows), [0, 1], lambda row: Conversation([Turn(row[0], row[1], [image(seed=row[2])])]),
+        tiny_processor, seed=0,
+    )  # fmt: skip
     examples = [dataset[0], dataset[1]]
     pad_id = tiny_processor.tokenizer.pad_token_id
     batch = TrainCollator(pad_id)(examples)
@@ -107,14 +113,15 @@ def test_train_collator_pads_right_and_keeps_the_final_endoftext(tiny_processor)
         assert batch["input_ids"][row, length - 1] == pad_id
         assert batch["attention_mask"][row, length - 1] == 1 and batch["labels"][row, length - 1] == pad_id
     assert torch.equal(batch["pixel_values"], torch.cat([e["pixel_values"] for e in examples]))
+    assert batch["rows"] == [0, 1]
 
 
 def test_eval_collator_pads_left(tiny_processor):
-    dataset = ConversationDataset(
-        ["short", "a much longer question about the image"],
+    dataset = EvaluationSamples(
+        list_source(["short", "a much longer question about the image"]),
+        [0, 1],
         lambda text: Conversation([Turn(text, "x", [image()])]),
         tiny_processor,
-        for_training=False,
     )
     batch = EvalCollator(tiny_processor.tokenizer.pad_token_id)([dataset[0], dataset[1]])
     short = len(dataset[0]["input_ids"])
@@ -125,7 +132,7 @@ def test_eval_collator_pads_left(tiny_processor):
 
 
 def test_collators_accept_text_only_examples(tiny_processor):
-    dataset = ConversationDataset([0], lambda _: Conversation([Turn("hi", "hello")]), tiny_processor, True)
+    dataset = TrainingSamples(list_source([0]), [0], lambda _: Conversation([Turn("hi", "hello")]), tiny_processor, 0)
     batch = TrainCollator(tiny_processor.tokenizer.pad_token_id)([dataset[0]])
     assert "pixel_values" not in batch
 
@@ -137,24 +144,28 @@ def write_jsonl(path, records):
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
 
 
-def test_jsonl_round_trip(tmp_path):
+def test_jsonl_round_trip(tmp_path, tiny_processor):
     (tmp_path / "images" / "a").mkdir(parents=True)
     image(seed=3).save(tmp_path / "images" / "a" / "0.jpg")
     record = {"id": "x", "source": "s", "conversations": [
         {"images": ["a/0.jpg"], "user": "What is it?", "assistant": "noise"},
         {"user": "Sure?", "assistant": "yes"},
     ]}  # fmt: skip
-    write_jsonl(tmp_path / "train.jsonl", [record])
-    records = load_jsonl_conversations(tmp_path / "train.jsonl", tmp_path / "images")
-    conversation = jsonl_conversation(records[0])
+    write_jsonl(tmp_path / "train.jsonl", ["", record])
+    source = read_jsonl(tmp_path / "train.jsonl", tmp_path / "images")
+    assert source.indices == [0] and source.where(0) == f"{tmp_path / 'train.jsonl'}:2"
+    conversation = jsonl_conversation(source.rows[0])
     assert [t.user for t in conversation.turns] == ["What is it?", "Sure?"]
-    assert len(conversation.turns[0].images) == 1 and conversation.turns[0].images[0].mode == "RGB"
+    assert conversation.turns[0].images == [str((tmp_path / "images" / "a" / "0.jpg").resolve())]
     assert conversation.turns[1].images == []
+    example = encode_conversation(tiny_processor, conversation, for_training=True)
+    assert example["pixel_values"].shape[0] == 1
 
 
-def test_jsonl_problems_name_file_and_line(tmp_path):
+def test_jsonl_problems_stay_with_their_line(tmp_path):
     (tmp_path / "images").mkdir()
     (tmp_path / "secret.jpg").write_bytes(b"x")
+    (tmp_path / "images" / "link.jpg").symlink_to(tmp_path / "secret.jpg")
     good_turn = {"images": [], "user": "q", "assistant": "a"}
     write_jsonl(
         tmp_path / "bad.jsonl",
@@ -165,17 +176,41 @@ def test_jsonl_problems_name_file_and_line(tmp_path):
             {"conversations": [{"images": ["../secret.jpg"], "user": "q", "assistant": "a"}]},
             {"conversations": [{"images": ["missing.jpg"], "user": "q", "assistant": "a"}]},
             {"conversations": [{"user": "q"}]},
+            {"conversations": [{"images": [str(tmp_path / "secret.jpg")], "user": "q", "assistant": "a"}]},
+            {"conversations": [{"images": ["link.jpg"], "user": "q", "assistant": "a"}]},
         ],
     )
-    with pytest.raises(ValueError) as error:
-        load_jsonl_conversations(tmp_path / "bad.jsonl", tmp_path / "images")
-    message = str(error.value)
-    assert "5 problem(s)" in message
-    assert "bad.jsonl:2: not valid JSON" in message
-    assert "bad.jsonl:3:" in message and "non-empty list" in message
-    assert "bad.jsonl:4: turn 1: image path '../secret.jpg' leaves the image folder" in message
-    assert "bad.jsonl:5: turn 1: image" in message and "does not exist" in message
-    assert 'bad.jsonl:6: turn 1: "assistant" must be a string' in message
+    source = read_jsonl(tmp_path / "bad.jsonl", tmp_path / "images")
+    problems = {source.where(i): source.schema_problems(source.rows[i]) for i in source.indices}
+    jsonl = tmp_path / "bad.jsonl"
+    assert problems[f"{jsonl}:1"] == []
+    assert problems[f"{jsonl}:2"][0].startswith("not valid JSON")
+    assert "non-empty list" in problems[f"{jsonl}:3"][0]
+    assert problems[f"{jsonl}:4"] == [
+        f"turn 1: image path '../secret.jpg' leaves the image folder {tmp_path / 'images'}"
+    ]
+    assert "does not exist" in problems[f"{jsonl}:5"][0]
+    assert problems[f"{jsonl}:6"] == ['turn 1: "assistant" must be a string']
+    assert "leaves the image folder" in problems[f"{jsonl}:7"][0]  # an absolute path
+    assert "leaves the image folder" in problems[f"{jsonl}:8"][0]  # a symlink pointing outside
+
+
+def test_sample_choices_depend_only_on_seed_epoch_and_row():
+    choices = [sample_rng(7, epoch, row).random() for epoch in range(2) for row in range(3)]
+    assert choices == [sample_rng(7, epoch, row).random() for epoch in range(2) for row in range(3)]
+    assert len(set(choices)) == 6 and sample_rng(8, 0, 0).random() != choices[0]
+
+
+def test_training_samples_draw_one_candidate_per_epoch(tiny_processor):
+    candidates = [Conversation([Turn("q", answer)]) for answer in ("alpha", "beta", "gamma", "delta")]
+    dataset = TrainingSamples(list_source([0]), [0], lambda _: candidates, tiny_processor, seed=3)
+    drawn = []
+    for epoch in range(12):
+        dataset.set_epoch(epoch)
+        labels = [t for t in dataset[0]["labels"].tolist() if t != -100]
+        drawn.append(tiny_processor.tokenizer.decode(labels, skip_special_tokens=True).strip())
+        assert dataset[0]["labels"].tolist() == dataset[0]["labels"].tolist()  # the same within an epoch
+    assert len(set(drawn)) > 1 and set(drawn) <= {"alpha", "beta", "gamma", "delta"}
 
 
 # --- synthetic data in the hub schemas -------------------------------------------------------------------------
@@ -198,17 +233,19 @@ def test_synthetic_docvqa_has_the_hub_schema(tmp_path):
 def test_synthetic_cauldron_configs(tmp_path, config, images_per_row):
     write_cauldron(tmp_path, config, num_rows=12)
     train, held_out = load_cauldron_splits(str(tmp_path), config, eval_size=4, images_per_row=images_per_row)
-    assert (len(train), len(held_out)) == (8, 4)
-    assert train.features == CAULDRON_FEATURES
-    assert all(len(row["images"]) == images_per_row for row in train)
+    assert (train.indices, held_out.indices) == (list(range(4, 12)), [0, 1, 2, 3])
+    assert train.where(4).endswith(f"(config {config}, split train) row 4")  # numbered as dataset[i]
+    assert all(len(train.rows[i]["images"]) == images_per_row for i in train.indices)
+    assert all(set(train.rows[i]["images"][0]) == {"bytes", "path"} for i in train.indices)  # not decoded
+    assert not any(train.schema_problems(train.rows[i]) for i in train.indices)
     with pytest.raises(ValueError, match="Lower --eval_size"):
         load_cauldron_splits(str(tmp_path), config, eval_size=12)
 
 
 def test_cauldron_rows_with_the_wrong_image_count_are_reported(tmp_path):
     write_cauldron(tmp_path, "hateful_memes", num_rows=6)
-    with pytest.raises(ValueError, match=r"rows \[0, 1, 2, 3, 4, 5\] do not hold exactly 2 images"):
-        load_cauldron_splits(str(tmp_path), "hateful_memes", eval_size=2, images_per_row=2)
+    train, _ = load_cauldron_splits(str(tmp_path), "hateful_memes", eval_size=2, images_per_row=2)
+    assert train.schema_problems(train.rows[3]) == ["holds 1 image(s), this recipe needs exactly 2"]
 
 
 def test_offline_hub_ids_fail_fast_with_the_way_out(monkeypatch):
@@ -231,15 +268,21 @@ def test_local_folders_with_the_same_name_do_not_share_a_cache(tmp_path):
     assert len(load_hub_dataset(str(tmp_path / "a" / "docvqa"), None, "train", "--flag", ["image"])) == 4
 
 
-def test_bad_rows_are_reported_before_training(tmp_path):
-    """An empty answer list would crash random.choice hours into a run; it is reported up front."""
-    from phi3v.data import load_hub_dataset
+def test_hub_row_schema_problems(tmp_path):
+    """An empty answer list would crash the builder hours into a run; the row check names it."""
+    from phi3v.data import load_hub_source
     from phi3v.synthetic import _write_readme, _write_split, docvqa_mini_row
 
     rng = random.Random(0)
     rows = [docvqa_mini_row(i, rng) for i in range(4)]
     rows[2]["answers"] = []
+    rows[3]["query"] = {"de": "Was?"}
     _write_split(rows, DOCVQA_MINI_FEATURES, tmp_path / "data" / "train-00000-of-00001.parquet")
     _write_readme(tmp_path, {"default": ["train"]})
-    with pytest.raises(ValueError, match=r"1 bad row\(s\) in --flag .*\n  row 2: answers must be a non-empty list"):
-        load_hub_dataset(str(tmp_path), None, "train", "--flag", ["image", "query", "answers"])
+    source = load_hub_source(str(tmp_path), None, "train", "--flag", ["image", "query", "answers"])
+    assert [source.schema_problems(source.rows[i]) for i in range(4)] == [
+        [],
+        [],
+        ["answers must be a non-empty list of strings"],
+        ["query needs a string 'en'"],
+    ]

@@ -308,6 +308,31 @@ def test_forward_backward_reaches_every_trained_part(tiny_dir, tiny_processor):
     assert prefix + "img_processor.vision_model.post_layernorm.weight" not in grads
 
 
+def test_a_batch_without_images_still_reaches_the_vision_parameters(tiny_dir, tiny_processor):
+    """DDP and DeepSpeed need every trainable parameter in every backward pass: a text-only batch gives the
+    vision tower, projector and separators an exactly-zero gradient and leaves the loss unchanged."""
+    prompt = chat(tiny_processor, "Say hello.", 0)
+    batch = tiny_processor(prompt)
+    answer = tiny_processor.tokenizer("hello<|end|>\n<|endoftext|>", add_special_tokens=False, return_tensors="pt")
+    batch["input_ids"] = torch.cat([batch["input_ids"], answer.input_ids], 1)
+    batch["labels"] = batch["input_ids"].clone()
+    del batch["attention_mask"]
+    model = Phi3VForCausalLM.from_pretrained(tiny_dir).train()
+    loss, grads = grads_after_backward(model, batch)
+    with torch.no_grad():
+        assert torch.equal(loss, model.eval()(**batch).loss)  # the evaluation path runs no vision at all
+    vision = {n: g for n, g in grads.items() if n.startswith("model.vision_embed_tokens.")}
+    assert (
+        "model.vision_embed_tokens.img_projection.2.weight" in vision and "model.vision_embed_tokens.sub_GN" in vision
+    )
+    assert "model.vision_embed_tokens.img_processor.vision_model.encoder.layers.0.mlp.fc1.weight" in vision
+    assert all(not g.any() for g in vision.values())
+    assert grads["lm_head.weight"].abs().sum() > 0
+    model.train().model.vision_embed_tokens.requires_grad_(False)  # frozen vision: nothing extra runs
+    _, frozen = grads_after_backward(model, batch)
+    assert not [n for n in frozen if n.startswith("model.vision_embed_tokens.")]
+
+
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_dir, tiny_processor):
     batch = training_batch(tiny_processor)
     model = Phi3VForCausalLM.from_pretrained(tiny_dir).train()

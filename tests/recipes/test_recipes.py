@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,49 +13,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from convert_ucf101 import convert
 from phi3v.data import load_hub_dataset
-from phi3v.synthetic import write_cauldron, write_docvqa, write_ucf101
+from phi3v.synthetic import write_cauldron
 from tests.conftest import REPO
+from tests.recipes.conftest import free_port, launch
 
 EVAL_SAMPLES = 3  # odd, so two ranks get unequal shards
-
-
-@pytest.fixture(scope="session")
-def data(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("data")
-    write_docvqa(root / "docvqa", num_train=16, num_test=6)
-    for config in ("hateful_memes", "nlvr2"):
-        write_cauldron(root / config, config, num_rows=24)
-    write_ucf101(root / "videos", {"train": 1, "val": 1, "test": 1})
-    (root / "ucf101").mkdir()
-    convert(root / "videos" / "UCF101_subset", root / "ucf101", show_progress=False)
-    return {name: root / name for name in ("docvqa", "hateful_memes", "nlvr2", "ucf101")}
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def launch(script: str, flags: list[str], ranks: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
-    if ranks == 1:
-        command = [sys.executable, script]
-    else:
-        command = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            f"--nproc_per_node={ranks}",
-            f"--master_port={free_port()}",
-            script,
-        ]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(command + flags, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, f"{' '.join(command + flags)}\n{result.stdout[-2000:]}\n{result.stderr[-6000:]}"
-    assert f"Trainer: {'distributed' if ranks > 1 else 'not_parallel'} over {ranks} process(es)" in result.stderr
-    return result
 
 
 SCRIPTS = {

@@ -1,0 +1,166 @@
+"""Runs that survive: a run killed with SIGKILL, or stopped by SIGTERM, and resumed with
+--resume_from_checkpoint latest ends exactly where the uninterrupted run of the same seed ends.
+
+The runs resume in the middle of an epoch, with dataloader workers and DocVQA's random choice among
+several reference answers, so the data order and every random choice must really be restored."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from phi3v.checkpoints import MARKER, incompleteness
+from phi3v.synthetic import write_docvqa
+from tests.conftest import REPO
+from tests.recipes.conftest import launch, recipe_command, recipe_env
+
+SCRIPT = "finetune_hf_trainer_docvqa.py"
+MAX_STEPS = 20
+# 24 rows, 4 samples per optimizer step: 6 steps an epoch, so checkpoints 4, 8, ... fall mid-epoch.
+RUN_FLAGS = [
+    "--num_crops", "1", "--batch_size", "4", "--max_steps", str(MAX_STEPS), "--save_steps", "4",
+    "--logging_steps", "1", "--warmup_steps", "2", "--learning_rate", "1e-3", "--seed", "7",
+    "--dataloader_num_workers", "2", "--max_eval_samples", "2", "--max_new_tokens", "2", "--no-tqdm",
+]  # fmt: skip
+MODES = {  # flags, ranks
+    "lora": (["--use_lora", "--lora_rank", "8"], 2),
+    "full_zero2": ([], 2),
+    "frozen_vision_zero2": (["--freeze_vision_model"], 2),
+    "qlora": (["--use_qlora", "--lora_rank", "8"], 1),
+}
+
+
+@pytest.fixture(scope="module")
+def docvqa(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("resume") / "docvqa"
+    write_docvqa(folder, num_train=24, num_test=2, answer_variants=3)
+    return folder
+
+
+def flags_for(mode: str, tiny_dir: Path, docvqa: Path, output_dir: Path) -> list[str]:
+    common = ["--model_name_or_path", str(tiny_dir), "--dataset_name_or_path", str(docvqa)]
+    return [*common, "--output_dir", str(output_dir), *RUN_FLAGS, *MODES[mode][0]]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_dir, docvqa, tmp_path_factory) -> dict[str, Path]:
+    """The reference run of each mode, made once."""
+    runs = {}
+
+    def run(mode: str) -> Path:
+        if mode not in runs:
+            output_dir = tmp_path_factory.mktemp(f"uninterrupted_{mode}")
+            launch(SCRIPT, flags_for(mode, tiny_dir, docvqa, output_dir), ranks=MODES[mode][1])
+            runs[mode] = output_dir
+        return runs[mode]
+
+    return run
+
+
+def descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def start(mode: str, flags: list[str], log: Path) -> subprocess.Popen:
+    command = recipe_command(SCRIPT, flags, MODES[mode][1])
+    return subprocess.Popen(command, cwd=REPO, env=recipe_env(), stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+
+def wait_until(condition, process: subprocess.Popen, log: Path, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process.poll() is not None:
+            pytest.fail(f"the run ended (status {process.returncode}) before the test could interrupt it:\n"
+                        f"{log.read_text()[-3000:]}")  # fmt: skip
+        if time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"timed out waiting:\n{log.read_text()[-3000:]}")
+        time.sleep(0.02)
+
+
+def kill_everything(process: subprocess.Popen) -> None:
+    """SIGKILL the launcher, its ranks and their dataloader workers at once: a machine that died."""
+    for pid in [*descendants(process.pid), process.pid]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    process.wait()
+
+
+def logged_losses(output_dir: Path) -> list[float]:
+    state = json.loads((output_dir / f"checkpoint-{MAX_STEPS}" / "trainer_state.json").read_text())
+    losses = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+    assert len(losses) == MAX_STEPS
+    return losses
+
+
+def final_weights(output_dir: Path) -> dict[str, torch.Tensor]:
+    adapter = output_dir / "adapter_model.safetensors"
+    return load_file(adapter if adapter.exists() else output_dir / "model.safetensors")
+
+
+def assert_same_run(resumed: Path, reference: Path) -> None:
+    assert logged_losses(resumed) == pytest.approx(logged_losses(reference), rel=1e-6, abs=1e-6)
+    expected, weights = final_weights(reference), final_weights(resumed)
+    assert weights.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(weights[name], expected[name], rtol=0, atol=1e-5, msg=name)
+    assert (resumed / "eval_after.json").exists()
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_sigkill_then_resume_latest_equals_the_uninterrupted_run(mode, tiny_dir, docvqa, uninterrupted, tmp_path):
+    output_dir = tmp_path / "out"
+    flags = flags_for(mode, tiny_dir, docvqa, output_dir)
+    log = tmp_path / "killed.log"
+    process = start(mode, flags, log)
+    wait_until(lambda: (output_dir / "checkpoint-4" / MARKER).exists(), process, log)
+    kill_everything(process)
+    assert process.returncode != 0 and not (output_dir / "eval_after.json").exists()
+
+    result = launch(SCRIPT, flags + ["--resume_from_checkpoint", "latest"], ranks=MODES[mode][1])
+    assert "Resuming from" in result.stderr and "not redone" in result.stderr  # the evaluation before training
+    assert_same_run(output_dir, uninterrupted(mode))
+
+
+def test_sigterm_writes_a_checkpoint_and_the_resumed_run_ends_the_same(tiny_dir, docvqa, uninterrupted, tmp_path):
+    """torchrun forwards SIGTERM to its ranks: they finish the step, agree on it, save, and exit non-zero."""
+    output_dir = tmp_path / "out"
+    flags = flags_for("lora", tiny_dir, docvqa, output_dir)
+    log = tmp_path / "stopped.log"
+    process = start("lora", flags, log)
+    wait_until(lambda: log.read_text().count("'loss'") >= 2, process, log)
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=120)
+    output = log.read_text()
+    assert process.returncode != 0, output[-3000:]
+    stopped = [line for line in output.splitlines() if "Stopped by SIGTERM" in line]
+    assert stopped and "--resume_from_checkpoint latest" in stopped[0], output[-3000:]
+    checkpoint = Path(stopped[0].split("Stopped by SIGTERM: ")[1].split(" is complete")[0])
+    assert incompleteness(checkpoint) is None and not (output_dir / "eval_after.json").exists()
+    step = int(checkpoint.name.split("-")[1])
+    assert 2 <= step < MAX_STEPS
+
+    launch(SCRIPT, flags + ["--resume_from_checkpoint", "latest"], ranks=2)
+    assert_same_run(output_dir, uninterrupted("lora"))
