@@ -16,6 +16,7 @@ import re
 import shutil
 from pathlib import Path
 
+from accelerate import PartialState
 from transformers import TrainerCallback
 
 from .args import RecipeArguments
@@ -128,17 +129,11 @@ def prepare_output_dir(args: RecipeArguments) -> str | None:
     Refuses a folder that cannot be written, or that holds a finished run or checkpoints, unless the
     run resumes or --overwrite_output_dir clears them. Decided on the main process, the same on every rank.
     """
-    outcome = from_main_process(_decide(args) if _is_main() else None)
+    outcome = from_main_process(_decide(args) if PartialState().is_main_process else None)
     if isinstance(outcome, RecipeError):
         raise outcome
     barrier()  # the main process may have removed old checkpoints
     return outcome
-
-
-def _is_main() -> bool:
-    from accelerate import PartialState
-
-    return PartialState().is_main_process
 
 
 def _decide(args: RecipeArguments) -> str | RecipeError | None:

@@ -62,7 +62,6 @@ def load_task(script: str) -> Task:
         path = REPO_ROOT / f"finetune_hf_trainer_{script}.py"
     if not path.is_file():
         raise SystemExit(f"error: {script}: no such recipe script (give its path, or docvqa, nlvr2, ...)")
-    sys.path.insert(0, str(path.parent))
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -206,9 +206,9 @@ def cache_key(source: RowSource, build: Callable, processor, for_training: bool)
     """Changes whenever the result could: the data, the rows used, the prompt builder, tokenizer, crops."""
     tokenizer = processor.tokenizer
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    try:
-        builder = inspect.getsource(build)
-    except (OSError, TypeError):
+    try:  # the builder's whole module: it may call helpers defined beside it
+        builder = f"{build.__qualname__}\n{inspect.getsource(inspect.getmodule(build))}"
+    except (AttributeError, OSError, TypeError):
         builder = f"{getattr(build, '__module__', '')}.{getattr(build, '__qualname__', repr(build))}"
     image_processor = processor.image_processor
     parts = [

@@ -35,6 +35,7 @@ MODES = {  # flags, ranks
     "full_zero2": ([], 2),
     "frozen_vision_zero2": (["--freeze_vision_model"], 2),
     "qlora": (["--use_qlora", "--lora_rank", "8"], 1),
+    "full_zero3": (["--deepspeed", "ds_configs/zero3.json"], 2),
 }
 
 
