@@ -108,14 +108,7 @@ def _run(task: Task, args: RecipeArguments, state) -> dict[str, float | None]:
     output_dir = Path(args.output_dir)
     resume_from = prepare_output_dir(args)
     processor = load_processor(args)
-    with state.main_process_first():
-        train, held_out = load_sources(task, args)
-    checked = validate_recipe_data(task, args, processor, train, held_out)
-    if state.is_main_process:
-        write_skipped(checked, output_dir)
-    train_set = TrainingSamples(train, checked.train_rows, task.train_conversation, processor, args.seed)
-    eval_set = EvaluationSamples(held_out, checked.eval_rows, task.eval_conversation, processor)
-    logger.info("%d training samples, %d evaluation samples", len(train_set), len(eval_set))
+    train_set, eval_set = _checked_datasets(task, args, processor, state)
 
     run_evaluation = partial(
         evaluate,
@@ -134,7 +127,8 @@ def _run(task: Task, args: RecipeArguments, state) -> dict[str, float | None]:
         _stop_for_signal(stop_request, "before training started; nothing to resume, rerun the command")
     transformers.set_seed(args.seed)  # LoRA's random initialisation, the same for the same --seed
     model = prepare_for_training(model, args)
-    model = train_and_save(model, processor, train_set, args, accumulation, resume_from, stop_request, train.where)
+    describe_row = train_set.source.where
+    model = train_and_save(model, processor, train_set, args, accumulation, resume_from, stop_request, describe_row)
     if model is None:
         checkpoint = output_dir / f"checkpoint-{stop_request.stopped_at_step}"
         _stop_for_signal(stop_request, f"{checkpoint} is complete; rerun the same command with "
@@ -150,6 +144,19 @@ def _run(task: Task, args: RecipeArguments, state) -> dict[str, float | None]:
         logger.info("%s before training: %.4f, after training: %.4f", task.metric, before, after)
     state.wait_for_everyone()
     return {"before": before, "after": after}
+
+
+def _checked_datasets(task: Task, args: RecipeArguments, processor, state) -> tuple[TrainingSamples, EvaluationSamples]:
+    """The task's splits, every sample validated; bad ones stop the run or are listed and dropped."""
+    with state.main_process_first():
+        train, held_out = load_sources(task, args)
+    checked = validate_recipe_data(task, args, processor, train, held_out)
+    if state.is_main_process:
+        write_skipped(checked, args.output_dir)
+    train_set = TrainingSamples(train, checked.train_rows, task.train_conversation, processor, args.seed)
+    eval_set = EvaluationSamples(held_out, checked.eval_rows, task.eval_conversation, processor)
+    logger.info("%d training samples, %d evaluation samples", len(train_set), len(eval_set))
+    return train_set, eval_set
 
 
 def _evaluate_before(run_evaluation, model, output_dir: Path, metric: str, resume_from: str | None) -> float | None:
