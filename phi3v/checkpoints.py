@@ -189,5 +189,14 @@ def _resume_point(args: RecipeArguments, output_dir: Path) -> str | RecipeError 
             if later > step:  # an abandoned future: it would be rewritten step by step, stale files and all
                 shutil.rmtree(folder)
                 logger.warning("Removed %s: the run resumes from the earlier %s", folder, checkpoint.name)
+    ranks = len(list(checkpoint.glob("rng_state_*.pth"))) or 1  # one RNG file per rank that wrote it
+    if ranks != PartialState().num_processes:
+        logger.warning(
+            "%s was written by %d process(es), this run has %d: training continues, but the data order per rank "
+            "and the random state differ from an uninterrupted run (and DeepSpeed may refuse the optimizer state).",
+            checkpoint,
+            ranks,
+            PartialState().num_processes,
+        )
     logger.info("Resuming from %s", checkpoint)
     return str(checkpoint)

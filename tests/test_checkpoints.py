@@ -129,3 +129,14 @@ def test_resume_from_an_incomplete_checkpoint_is_refused(tmp_path):
         prepare_output_dir(args_for(tmp_path, "--resume_from_checkpoint", str(folder)))
     with pytest.raises(RecipeError, match="no such folder"):
         prepare_output_dir(args_for(tmp_path, "--resume_from_checkpoint", str(tmp_path / "checkpoint-99")))
+
+
+def test_resuming_with_another_number_of_processes_is_said(tmp_path, caplog):
+    folder = tmp_path / "checkpoint-4"
+    folder.mkdir()
+    for rank in (0, 1):
+        (folder / f"rng_state_{rank}.pth").write_bytes(b"r")
+    mark_complete(folder)
+    with caplog.at_level("WARNING"):
+        assert prepare_output_dir(args_for(tmp_path, "--resume_from_checkpoint", "latest")) == str(folder)
+    assert "was written by 2 process(es), this run has 1" in caplog.text
