@@ -81,7 +81,7 @@ def download_subset(tmp_dir: Path) -> Path:
     """Fetch and unpack the subset the original uses (needs network access)."""
     from huggingface_hub import hf_hub_download
 
-    from phi3v.data import require_local_or_reachable
+    from phi3v.sources import require_local_or_reachable
 
     require_local_or_reachable(
         "sayakpaul/ucf101-subset",

@@ -12,8 +12,9 @@ uses the mini test split with the "Answer briefly." prompt, as the original.
 from dataclasses import dataclass
 
 from phi3v.args import CAULDRON, RecipeArguments, flag, parse_args
-from phi3v.data import Conversation, Turn, load_hub_source
+from phi3v.data import Conversation, Turn
 from phi3v.recipe import Task, run_recipe
+from phi3v.sources import load_hub_source
 
 MINI_COLUMNS = ["image", "query", "answers"]
 

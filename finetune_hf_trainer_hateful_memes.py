@@ -9,8 +9,9 @@ The Cauldron has only a train split: the first --eval_size rows are held out for
 """
 
 from phi3v.args import CauldronArguments, parse_args
-from phi3v.data import Conversation, Turn, load_cauldron_splits
+from phi3v.data import Conversation, Turn
 from phi3v.recipe import Task, run_recipe
+from phi3v.sources import load_cauldron_splits
 
 
 def load_splits(args: CauldronArguments):

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from phi3v.args import RecipeArguments, flag, parse_args
-from phi3v.data import jsonl_conversation, read_jsonl
 from phi3v.recipe import Task, run_recipe
+from phi3v.sources import jsonl_conversation, read_conversations
 
 
 @dataclass
@@ -24,7 +24,8 @@ class UCF101Arguments(RecipeArguments):
 def load_splits(args: UCF101Arguments):
     data_dir = Path(args.data_dir)
     image_dir = data_dir / "images"
-    return read_jsonl(data_dir / "ucf101_train.jsonl", image_dir), read_jsonl(data_dir / "ucf101_val.jsonl", image_dir)
+    train = read_conversations(data_dir / "ucf101_train.jsonl", image_dir)
+    return train, read_conversations(data_dir / "ucf101_val.jsonl", image_dir)
 
 
 TASK = Task(

@@ -30,8 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from phi3v import Phi3VProcessor  # noqa: E402
-from phi3v.data import load_hub_source  # noqa: E402
 from phi3v.recipe import load_task  # noqa: E402
+from phi3v.sources import load_hub_source  # noqa: E402
 from phi3v.synthetic import DOCVQA_MINI_FEATURES, _write_readme  # noqa: E402
 from phi3v.tiny import write_tiny_checkpoint  # noqa: E402
 from phi3v.validate import default_workers, validate_split  # noqa: E402

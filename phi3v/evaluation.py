@@ -64,7 +64,16 @@ def accuracy(predictions: Sequence[str], references: Sequence[Sequence[str]]) ->
     return sum(hits) / len(hits)
 
 
-METRICS: dict[str, Callable[[Sequence[str], Sequence[Sequence[str]]], float]] = {"anls": anls, "accuracy": accuracy}
+def no_score(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> None:
+    """--metric none: the answers are written, not scored."""
+    return None
+
+
+METRICS: dict[str, Callable[[Sequence[str], Sequence[Sequence[str]]], float | None]] = {
+    "anls": anls,
+    "accuracy": accuracy,
+    "none": no_score,
+}
 
 
 def shard_indices(num_samples: int, rank: int, world_size: int) -> list[int]:
@@ -159,5 +168,8 @@ def evaluate(
         "num_samples": len(ordered),
     }
     output_file.write_text(json.dumps(report, indent=2) + "\n")
-    logger.info("%s = %.4f on %d samples (%s)", metric, score, len(ordered), output_file)
+    if score is None:
+        logger.info("%d answers written to %s (not scored)", len(ordered), output_file)
+    else:
+        logger.info("%s = %.4f on %d samples (%s)", metric, score, len(ordered), output_file)
     return score

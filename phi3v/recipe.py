@@ -27,10 +27,11 @@ from accelerate import PartialState
 
 from .args import REPO_ROOT, RecipeArguments, gradient_accumulation_steps
 from .checkpoints import prepare_output_dir
-from .data import Conversation, EvaluationSamples, RowSource, TrainingSamples
+from .data import Conversation, EvaluationSamples, TrainingSamples
 from .errors import RecipeError
 from .evaluation import evaluate
 from .preemption import StopRequest
+from .sources import RowSource
 from .training import (
     load_model,
     load_processor,
@@ -47,7 +48,7 @@ logger = logging.getLogger("phi3v")
 @dataclass
 class Task:
     arguments: type[RecipeArguments]  # the script's flags
-    metric: str  # "anls" or "accuracy"
+    metric: str | None  # "anls" or "accuracy"; None: the script's --metric flag decides
     load_splits: Callable[[Any], tuple[RowSource, RowSource]]  # args -> (training rows, evaluation rows)
     # What a row becomes for training, or a list of conversations of which one is drawn at random each
     # time the row is seen (DocVQA: one per reference answer, as the original's random.choice).
@@ -106,6 +107,7 @@ def _run(task: Task, args: RecipeArguments, state) -> dict[str, float | None]:
         args.batch_size_per_gpu,
     )
     output_dir = Path(args.output_dir)
+    metric = task.metric or args.metric
     resume_from = prepare_output_dir(args)
     processor = load_processor(args)
     train_set, eval_set = _checked_datasets(task, args, processor, state)
@@ -114,7 +116,7 @@ def _run(task: Task, args: RecipeArguments, state) -> dict[str, float | None]:
         evaluate,
         processor=processor,
         dataset=eval_set,
-        metric=task.metric,
+        metric=metric,
         batch_size=args.batch_size_per_gpu,
         num_workers=args.dataloader_num_workers,
         max_new_tokens=args.max_new_tokens,
@@ -122,7 +124,7 @@ def _run(task: Task, args: RecipeArguments, state) -> dict[str, float | None]:
     )
     stop_request = StopRequest(announce=state.is_main_process).install()
     model = load_model(args, quantize=args.use_qlora)
-    before = _evaluate_before(run_evaluation, model, output_dir, task.metric, resume_from)
+    before = _evaluate_before(run_evaluation, model, output_dir, metric, resume_from)
     if stop_request.signal is not None:
         _stop_for_signal(stop_request, "before training started; nothing to resume, rerun the command")
     transformers.set_seed(args.seed)  # LoRA's random initialisation, the same for the same --seed
@@ -140,8 +142,8 @@ def _run(task: Task, args: RecipeArguments, state) -> dict[str, float | None]:
             torch.cuda.empty_cache()
         model = load_trained_for_evaluation(args)
     after = run_evaluation(model, output_file=output_dir / "eval_after.json")
-    if state.is_main_process:
-        logger.info("%s before training: %.4f, after training: %.4f", task.metric, before, after)
+    if state.is_main_process and metric != "none":
+        logger.info("%s before training: %.4f, after training: %.4f", metric, before, after)
     state.wait_for_everyone()
     return {"before": before, "after": after}
 
@@ -164,7 +166,7 @@ def _evaluate_before(run_evaluation, model, output_dir: Path, metric: str, resum
     done = output_dir / "eval_before.json"
     if resume_from is not None and done.is_file():
         score = json.loads(done.read_text())[metric]
-        logger.info("Resuming: the evaluation before training is in %s (%s %.4f), not redone", done, metric, score)
+        logger.info("Resuming: the evaluation before training is in %s (%s %s), not redone", done, metric, score)
         return score
     return run_evaluation(model, output_file=done)
 

@@ -4,6 +4,7 @@
     python -m phi3v.synthetic hateful_memes --out DIR   # HuggingFaceM4/the_cauldron, config hateful_memes
     python -m phi3v.synthetic nlvr2         --out DIR   # HuggingFaceM4/the_cauldron, config nlvr2
     python -m phi3v.synthetic ucf101        --out DIR   # DIR/UCF101_subset/{train,val,test}/<Class>/*.avi
+    python -m phi3v.synthetic custom        --out DIR   # DIR/{train,eval}.jsonl and DIR/{train,eval}.json, DIR/images
 
 Each folder mirrors its hub repository (parquet shards plus a README.md whose YAML names the configs and
 splits), so ``datasets.load_dataset(DIR[, config])`` reads it like the hub id. Every question is
@@ -13,6 +14,7 @@ answerable from the image alone (colours and shapes drawn large), so a finetune 
 from __future__ import annotations
 
 import argparse
+import json
 import random
 from collections.abc import Callable
 from functools import partial
@@ -258,9 +260,61 @@ def write_ucf101(out: Path, clips_per_split: dict[str, int] | None = None, seed:
         write_video(path, UCF101_COLOURS[label], seed=seed * 100_000 + n)
 
 
+# --- your own data: the cookbook's conversation jsonl and LLaVA-style JSON ------------------------------------
+
+
+def custom_record(index: int, rng: random.Random, folder: Path) -> dict:
+    """A cookbook-format record: most ask about one image; every fourth compares two images over two turns;
+    every fifth is text only."""
+    if index % 5 == 4:
+        word = rng.choice(WORDS)
+        return {"id": f"c{index}", "source": "synthetic", "conversations": [
+            {"images": [], "user": f"Spell the word {word} backwards.", "assistant": word[::-1]}]}  # fmt: skip
+    colours = rng.sample(list(COLOURS), 2)
+    shapes = [rng.choice(SHAPES), rng.choice(SHAPES)]
+    names = []
+    for k in range(2 if index % 4 == 3 else 1):
+        names.append(f"images/{index}_{k}.jpg")  # relative to the data files' folder
+        shape_image(colours[k], shapes[k], rng.choice(WORDS), seed=1000 + 2 * index + k).save(folder / names[-1])
+    if len(names) == 1:
+        turn = {"images": names, "user": DOCVQA_COLOUR_QUESTION, "assistant": colours[0]}
+        return {"id": f"c{index}", "source": "synthetic", "conversations": [turn]}
+    turns = [
+        {"images": names, "user": "What colour is the shape in the first image?", "assistant": colours[0]},
+        {"images": [], "user": "And in the second image?", "assistant": colours[1]},
+    ]
+    return {"id": f"c{index}", "source": "synthetic", "conversations": turns}
+
+
+def as_llava(record: dict) -> dict:
+    """The same sample in LLaVA's layout: <image> placeholders in the human messages, images listed once."""
+    images, messages = [], []
+    for turn in record["conversations"]:
+        images += turn["images"]
+        placeholders = "<image>\n" * len(turn["images"])
+        messages += [
+            {"from": "human", "value": placeholders + turn["user"]},
+            {"from": "gpt", "value": turn["assistant"]},
+        ]
+    key = {"image": images[0]} if len(images) == 1 else {"images": images}
+    return {"id": record["id"], **(key if images else {}), "conversations": messages}
+
+
+def write_custom(out: Path, num_train: int = 40, num_eval: int = 10, seed: int = 0) -> None:
+    """DIR/{train,eval}.jsonl (the cookbook's format) and DIR/{train,eval}.json (LLaVA), the same samples;
+    images in DIR/images, their paths relative to DIR."""
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    splits = {"train": range(num_train), "eval": range(num_train, num_train + num_eval)}
+    for split, indices in splits.items():
+        records = [custom_record(i, rng, out) for i in indices]
+        (out / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        (out / f"{split}.json").write_text(json.dumps([as_llava(r) for r in records], indent=1) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("task", choices=["docvqa", "hateful_memes", "nlvr2", "ucf101"])
+    parser.add_argument("task", choices=["docvqa", "hateful_memes", "nlvr2", "ucf101", "custom"])
     parser.add_argument("--out", required=True, type=Path, help="folder to write")
     parser.add_argument(
         "--num_train",
@@ -269,12 +323,14 @@ def main() -> None:
         help="rows: docvqa train rows (default 200); the_cauldron rows, of which the recipes hold out the first "
         "--eval_size (default 700); ucf101 training clips per class (default 4)",
     )
-    parser.add_argument("--num_test", type=int, default=40, help="DocVQA test rows")
+    parser.add_argument("--num_test", type=int, default=None, help="DocVQA test rows (40); custom eval records (10)")
     parser.add_argument("--answer_variants", type=int, default=1, choices=[1, 2, 3], help="DocVQA answers per question")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if args.task == "docvqa":
-        write_docvqa(args.out, args.num_train or 200, args.num_test, args.seed, args.answer_variants)
+        write_docvqa(args.out, args.num_train or 200, args.num_test or 40, args.seed, args.answer_variants)
+    elif args.task == "custom":
+        write_custom(args.out, args.num_train or 40, args.num_test or 10, args.seed)
     elif args.task == "ucf101":
         write_ucf101(args.out, {"train": args.num_train or 4, "val": 1, "test": 1}, args.seed)
     else:

@@ -29,10 +29,10 @@ from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 from .args import RecipeArguments
 from .checkpoints import CheckpointCallback
 from .collators import TrainCollator
-from .data import require_local_or_reachable
 from .guards import GradientWatch, LossGuard, trainable_parameter_table
 from .modeling import Phi3VForCausalLM
 from .preemption import PreemptionCallback, StopRequest, start_dataloader_worker
+from .sources import require_local_or_reachable
 
 logger = logging.getLogger(__name__)
 

@@ -37,10 +37,11 @@ from accelerate import PartialState
 from PIL import Image
 from tqdm import tqdm
 
-from .data import IGNORE_INDEX, Conversation, RowSource, as_candidates, conversation_ids
+from .data import IGNORE_INDEX, Conversation, as_candidates, conversation_ids
 from .distributed import from_main_process, gathered, is_distributed
 from .errors import RecipeError
 from .images import BadImageError, load_image
+from .sources import RowSource
 
 if TYPE_CHECKING:
     from .args import RecipeArguments

@@ -13,18 +13,8 @@ from PIL import Image
 from tokenizers import Tokenizer
 
 from phi3v.collators import EvalCollator, TrainCollator
-from phi3v.data import (
-    Conversation,
-    EvaluationSamples,
-    RowSource,
-    TrainingSamples,
-    Turn,
-    encode_conversation,
-    jsonl_conversation,
-    load_cauldron_splits,
-    read_jsonl,
-    sample_rng,
-)
+from phi3v.data import Conversation, EvaluationSamples, TrainingSamples, Turn, encode_conversation, sample_rng
+from phi3v.sources import RowSource, jsonl_conversation, load_cauldron_splits, read_conversations
 from phi3v.synthetic import CAULDRON_FEATURES, DOCVQA_MINI_FEATURES, write_cauldron, write_docvqa
 
 
@@ -152,7 +142,7 @@ def test_jsonl_round_trip(tmp_path, tiny_processor):
         {"user": "Sure?", "assistant": "yes"},
     ]}  # fmt: skip
     write_jsonl(tmp_path / "train.jsonl", ["", record])
-    source = read_jsonl(tmp_path / "train.jsonl", tmp_path / "images")
+    source = read_conversations(tmp_path / "train.jsonl", tmp_path / "images")
     assert source.indices == [0] and source.where(0) == f"{tmp_path / 'train.jsonl'}:2"
     conversation = jsonl_conversation(source.rows[0])
     assert [t.user for t in conversation.turns] == ["What is it?", "Sure?"]
@@ -180,7 +170,7 @@ def test_jsonl_problems_stay_with_their_line(tmp_path):
             {"conversations": [{"images": ["link.jpg"], "user": "q", "assistant": "a"}]},
         ],
     )
-    source = read_jsonl(tmp_path / "bad.jsonl", tmp_path / "images")
+    source = read_conversations(tmp_path / "bad.jsonl", tmp_path / "images")
     problems = {source.where(i): source.schema_problems(source.rows[i]) for i in source.indices}
     jsonl = tmp_path / "bad.jsonl"
     assert problems[f"{jsonl}:1"] == []
@@ -249,7 +239,7 @@ def test_cauldron_rows_with_the_wrong_image_count_are_reported(tmp_path):
 
 
 def test_offline_hub_ids_fail_fast_with_the_way_out(monkeypatch):
-    from phi3v.data import load_hub_dataset
+    from phi3v.sources import load_hub_dataset
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(RuntimeError, match="python -m phi3v.synthetic"):
@@ -258,7 +248,7 @@ def test_offline_hub_ids_fail_fast_with_the_way_out(monkeypatch):
 
 def test_local_folders_with_the_same_name_do_not_share_a_cache(tmp_path):
     """datasets alone would serve the second folder the first one's cached rows."""
-    from phi3v.data import load_hub_dataset
+    from phi3v.sources import load_hub_dataset
 
     write_docvqa(tmp_path / "a" / "docvqa", num_train=3, num_test=1)
     write_docvqa(tmp_path / "b" / "docvqa", num_train=5, num_test=1)
@@ -270,7 +260,7 @@ def test_local_folders_with_the_same_name_do_not_share_a_cache(tmp_path):
 
 def test_hub_row_schema_problems(tmp_path):
     """An empty answer list would crash the builder hours into a run; the row check names it."""
-    from phi3v.data import load_hub_source
+    from phi3v.sources import load_hub_source
     from phi3v.synthetic import _write_readme, _write_split, docvqa_mini_row
 
     rng = random.Random(0)

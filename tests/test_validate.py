@@ -14,9 +14,10 @@ import pytest
 from PIL import Image
 
 from phi3v.args import parse_args
-from phi3v.data import encode_conversation, jsonl_conversation, read_jsonl
+from phi3v.data import encode_conversation
 from phi3v.errors import RecipeError
 from phi3v.recipe import Task
+from phi3v.sources import jsonl_conversation, read_conversations
 from phi3v.validate import check_rows, validate_recipe_data, validate_split, write_skipped
 from tests.conftest import REPO
 
@@ -54,7 +55,7 @@ def sample(*images: str, user="What is it?", assistant="noise") -> dict:
 
 def check_one(tmp_path, processor, files: dict[str, bytes], line, workers: int = 1):
     jsonl = write_dataset(tmp_path, files, [line])
-    source = read_jsonl(jsonl, tmp_path / "images")
+    source = read_conversations(jsonl, tmp_path / "images")
     (result,) = check_rows(source, source.indices, jsonl_conversation, processor, True, workers, "test", False)
     return result
 
@@ -65,7 +66,7 @@ GOOD = {"a.jpg": jpeg_bytes(noise())}
 def test_a_good_sample_has_its_token_count(tmp_path, tiny_processor):
     result = check_one(tmp_path, tiny_processor, GOOD, sample("a.jpg"))
     assert result.problems == [] and result.images == 1
-    source = read_jsonl(tmp_path / "train.jsonl", tmp_path / "images")
+    source = read_conversations(tmp_path / "train.jsonl", tmp_path / "images")
     example = encode_conversation(tiny_processor, jsonl_conversation(source.rows[0]), for_training=True)
     assert result.tokens == len(example["input_ids"])  # from the image size alone, without pixels
     assert result.supervised == int((example["labels"] != -100).sum())
@@ -117,7 +118,7 @@ def sixteen_bit_png() -> bytes:
 def test_unusual_image_modes_are_converted(tmp_path, tiny_processor, data):
     result = check_one(tmp_path, tiny_processor, {"a.png": data}, sample("a.png"))
     assert result.problems == []
-    source = read_jsonl(tmp_path / "train.jsonl", tmp_path / "images")
+    source = read_conversations(tmp_path / "train.jsonl", tmp_path / "images")
     example = encode_conversation(tiny_processor, jsonl_conversation(source.rows[0]), for_training=True)
     assert example["pixel_values"].isfinite().all()
 
@@ -161,7 +162,7 @@ def test_parallel_workers_give_the_same_result(tmp_path, tiny_processor):
     files = {f"{i}.jpg": jpeg_bytes(noise(40 + i, 30)) for i in range(70)} | {"bad.jpg": b""}
     lines = [sample(f"{i}.jpg") for i in range(70)] + [sample("bad.jpg")]
     jsonl = write_dataset(tmp_path, files, lines)
-    source = read_jsonl(jsonl, tmp_path / "images")
+    source = read_conversations(jsonl, tmp_path / "images")
     alone = check_rows(source, source.indices, jsonl_conversation, tiny_processor, True, 1, "one", False)
     pooled = check_rows(source, source.indices, jsonl_conversation, tiny_processor, True, 2, "two", False)
     assert alone == pooled and len(pooled) == 71 and [bool(r.problems) for r in pooled].count(True) == 1
@@ -192,7 +193,7 @@ def mixed_dataset(tmp_path):
     long = sample("good.jpg", user="Describe everything on this page, in order: " + "the next word " * 40)
     lines = [sample("good.jpg"), sample("bad.jpg"), long, sample("good.jpg", assistant="")]
     jsonl = write_dataset(tmp_path, files, lines)
-    return read_jsonl(jsonl, tmp_path / "images")
+    return read_conversations(jsonl, tmp_path / "images")
 
 
 def test_bad_samples_stop_the_run_naming_file_and_line(tmp_path, tiny_processor, mixed_dataset):
@@ -250,7 +251,7 @@ def test_results_are_cached_by_content(tmp_path, tiny_processor, mixed_dataset, 
     again = validate_split("training", mixed_dataset, jsonl_conversation, tiny_processor, True, 1, False)
     assert again == first and calls == []  # reused, not recomputed
     (tmp_path / "images" / "good.jpg").write_bytes(jpeg_bytes(noise(50, 50)))  # the data changed
-    changed = read_jsonl(tmp_path / "train.jsonl", tmp_path / "images")
+    changed = read_conversations(tmp_path / "train.jsonl", tmp_path / "images")
     validate_split("training", changed, jsonl_conversation, tiny_processor, True, 1, False)
     assert len(calls) == 1
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from phi3v.data import load_hub_dataset
+from phi3v.sources import load_hub_dataset
 from phi3v.synthetic import write_cauldron
 from tests.conftest import REPO
 from tests.recipes.conftest import free_port, launch
