@@ -1,0 +1,200 @@
+"""Export a finished run as a standalone model folder in the official Phi-3.5-vision layout.
+
+    python -m phi3v.export --model OUTPUT_DIR --out DIR [--base PATH] [--dtype bfloat16|float16|float32]
+
+A LoRA or QLoRA run's adapters (language model, CLIP and projector) are merged into the unquantized base
+model; a full finetune is copied. The folder holds what the official checkpoint holds, so the original
+remote code, vLLM's Phi-3-vision loader and ``phi3v`` all load it:
+- safetensors shards with the official tensor names and shapes and ``model.safetensors.index.json``;
+- ``config.json`` with the official keys (``model_type`` phi3_v, ``architectures``, ``auto_map``,
+  ``embd_layer``, ``img_processor``, ``rope_scaling`` of type "su", ``torch_dtype``) and
+  ``generation_config.json``;
+- the tokenizer files, from the base model's folder when it is a local copy of the official checkpoint
+  (otherwise from the run), and ``preprocessor_config.json`` / ``processor_config.json`` in the official
+  format with the ``num_crops`` the run trained with;
+- the official remote-code files (``*_phi3_v.py``), copied from the base model's folder when it has them
+  (vLLM and ``trust_remote_code`` need them; ``phi3v`` does not).
+Last, the exported folder is loaded back and its logits on an image-and-text sample are compared with
+the run's; the largest difference is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import shutil
+from pathlib import Path
+
+import torch
+import transformers
+from PIL import Image, ImageDraw
+from safetensors.torch import save_file
+
+from .data import Conversation, Turn, encode_conversation
+from .inference import Trained, load_trained
+from .modeling import Phi3VForCausalLM
+from .processing import Phi3VProcessor
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+MAX_SHARD_BYTES = 5 * 1024**3  # the official checkpoint's shards are 4.94 GB and 3.35 GB
+OFFICIAL_AUTO_MAP = {
+    "AutoConfig": "configuration_phi3_v.Phi3VConfig",
+    "AutoModelForCausalLM": "modeling_phi3_v.Phi3VForCausalLM",
+}
+OFFICIAL_PROCESSOR_AUTO_MAP = {
+    "AutoImageProcessor": "processing_phi3_v.Phi3VImageProcessor",
+    "AutoProcessor": "processing_phi3_v.Phi3VProcessor",
+}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
+LEFTOVERS = re.compile(r"lora_|base_layer|modules_to_save|absmax|quant_map|quant_state|nested_")
+
+
+def export(model_dir: str | Path, out: str | Path, base: str | None = None, dtype: str = "bfloat16") -> float:
+    """Write the standalone folder; returns the largest logit difference between it and the run."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    trained = load_trained(model_dir, base=base, device="cpu")
+    sample = _reference_sample(trained.processor)
+    with torch.no_grad():
+        expected = trained.model(**sample).logits
+    model = trained.model.merge_and_unload() if trained.kind == "lora" else trained.model
+    weights = {name: tensor.detach().to(DTYPES[dtype]).contiguous() for name, tensor in model.state_dict().items()}
+    leftovers = [name for name in weights if LEFTOVERS.search(name)]
+    if leftovers:
+        raise RuntimeError(f"Merging left adapter or quantization tensors behind: {leftovers[:5]}")
+    _write_shards(weights, out)
+    (out / "config.json").write_text(json.dumps(official_config(model.config, dtype), indent=2) + "\n")
+    _write_generation_config(model, out)
+    _write_processor_files(trained, Path(model_dir), out)
+    exported = Phi3VForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        difference = (exported(**sample).logits - expected).abs().max().item()
+    print(f"Exported {trained.kind} run {model_dir} to {out} ({dtype}, {len(weights)} tensors).")
+    print(f"Largest logit difference from the run on an image-and-text sample: {difference:.3g}")
+    return difference
+
+
+def official_config(config, dtype: str) -> dict:
+    """The official config.json keys, from a loaded Phi3VConfig (transformers 5 keeps RoPE elsewhere)."""
+    rope = config.rope_parameters
+    img_processor = dict(config.img_processor)
+    return {
+        "architectures": ["Phi3VForCausalLM"],
+        "attention_dropout": config.attention_dropout,
+        "auto_map": OFFICIAL_AUTO_MAP,
+        "bos_token_id": config.bos_token_id,
+        "embd_layer": dict(config.embd_layer),
+        "embd_pdrop": config.embd_pdrop,
+        "eos_token_id": config.eos_token_id,
+        "hidden_act": config.hidden_act,
+        "hidden_size": config.hidden_size,
+        "img_processor": img_processor,
+        "initializer_range": config.initializer_range,
+        "intermediate_size": config.intermediate_size,
+        "max_position_embeddings": config.max_position_embeddings,
+        "model_type": "phi3_v",
+        "num_attention_heads": config.num_attention_heads,
+        "num_hidden_layers": config.num_hidden_layers,
+        "num_key_value_heads": config.num_key_value_heads,
+        "original_max_position_embeddings": config.original_max_position_embeddings,
+        "pad_token_id": config.pad_token_id,
+        "resid_pdrop": config.resid_pdrop,
+        "rms_norm_eps": config.rms_norm_eps,
+        "rope_scaling": {"long_factor": rope["long_factor"], "short_factor": rope["short_factor"], "type": "su"},
+        "rope_theta": rope["rope_theta"],
+        "sliding_window": config.sliding_window,
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "torch_dtype": dtype,
+        "transformers_version": transformers.__version__,
+        "use_cache": True,
+        "vocab_size": config.vocab_size,
+    }
+
+
+def _write_shards(weights: dict[str, torch.Tensor], out: Path) -> None:
+    """Shards of at most MAX_SHARD_BYTES, named and indexed as the official ones (an index even for one)."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name in sorted(weights):
+        nbytes = weights[name].numel() * weights[name].element_size()
+        if shards[-1] and size + nbytes > MAX_SHARD_BYTES:
+            shards.append({})
+            size = 0
+        shards[-1][name] = weights[name]
+        size += nbytes
+    weight_map = {}
+    for number, shard in enumerate(shards, start=1):
+        filename = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, out / filename, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, filename))
+    total = sum(t.numel() * t.element_size() for t in weights.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _write_generation_config(model, out: Path) -> None:
+    config = model.config
+    generation = {"_from_model_config": True, "bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
+    generation |= {"pad_token_id": config.pad_token_id, "transformers_version": transformers.__version__}
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+
+
+def _write_processor_files(trained: Trained, model_dir: Path, out: Path) -> None:
+    """Tokenizer files from a local base folder (the official ones) or the run; processor configs in the
+    official format with the run's num_crops; the official remote code when the base folder has it."""
+    base = Path(trained.base) if trained.base and Path(trained.base).is_dir() else None
+    source = base if base is not None and (base / "tokenizer_config.json").is_file() else model_dir
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, out / name)
+    image_processor = trained.processor.image_processor
+    preprocessor = {
+        "auto_map": OFFICIAL_PROCESSOR_AUTO_MAP,
+        "do_convert_rgb": image_processor.do_convert_rgb,
+        "image_mean": image_processor.image_mean,
+        "image_processor_type": "Phi3VImageProcessor",
+        "image_std": image_processor.image_std,
+        "num_crops": image_processor.num_crops,
+        "num_img_tokens": image_processor.num_img_tokens,
+        "processor_class": "Phi3VProcessor",
+    }
+    if image_processor.crop_size != 336:  # only small test checkpoints differ from the official geometry
+        preprocessor["crop_size"] = image_processor.crop_size
+    (out / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n")
+    processor = {"auto_map": {"AutoProcessor": OFFICIAL_PROCESSOR_AUTO_MAP["AutoProcessor"]}}
+    (out / "processor_config.json").write_text(json.dumps({**processor, "processor_class": "Phi3VProcessor"}) + "\n")
+    for code in sorted(base.glob("*_phi3_v.py")) if base is not None else []:
+        shutil.copyfile(code, out / code.name)
+
+
+def _reference_sample(processor: Phi3VProcessor) -> dict[str, torch.Tensor]:
+    """An image with shapes and a question about it, encoded as the recipes encode prompts."""
+    image = Image.new("RGB", (400, 300), (235, 235, 235))
+    draw = ImageDraw.Draw(image)
+    draw.ellipse((40, 40, 200, 200), fill=(200, 30, 30))
+    draw.rectangle((230, 90, 360, 260), fill=(30, 60, 200))
+    example = encode_conversation(processor, Conversation([Turn("What shapes are drawn?", "", [image])]), False)
+    return {
+        "input_ids": example["input_ids"][None],
+        "pixel_values": example["pixel_values"],
+        "image_sizes": example["image_sizes"],
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="a run's --output_dir (LoRA, QLoRA or full finetuning)")
+    parser.add_argument("--out", required=True, help="folder to write")
+    parser.add_argument("--base", help="base model of a LoRA run (default: the one its adapter config names)")
+    parser.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    export(args.model, args.out, base=args.base, dtype=args.dtype)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""Loading a finished run (or an export, or the official checkpoint) for inference, and asking it questions.
+
+What ``--output_dir`` holds decides how it loads:
+- LoRA / QLoRA: ``adapter_config.json`` and the adapters; the base model named in the adapter config (or
+  ``base``) is loaded unquantized and the adapters are applied on top, unmerged, as the recipes'
+  evaluation after training does;
+- a full finetune, an export or the official checkpoint: ``config.json`` and the weights.
+The processor (with the ``num_crops`` used in training) comes from the same folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from transformers import AutoProcessor
+
+from .data import Conversation, EvaluationSamples, Turn
+from .evaluation import generate_answers
+from .images import ImageRef
+from .modeling import Phi3VForCausalLM
+from .sources import RowSource
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Trained:
+    model: Phi3VForCausalLM | PeftModel
+    processor: object
+    kind: str  # "lora" (adapters on a base model) or "full"
+    base: str | None  # the base model of a LoRA run, or the one recorded for a full run
+
+
+def run_base_model(model_dir: Path) -> str | None:
+    """The model a run started from: from its adapter config (LoRA) or its run_args.json."""
+    adapter_config = model_dir / "adapter_config.json"
+    if adapter_config.is_file():
+        return json.loads(adapter_config.read_text()).get("base_model_name_or_path")
+    run_args = model_dir / "run_args.json"
+    if run_args.is_file():
+        return json.loads(run_args.read_text()).get("flags", {}).get("model_name_or_path")
+    return None
+
+
+def load_trained(
+    model_dir: str | Path,
+    base: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | None = None,
+    num_crops: int | None = None,
+) -> Trained:
+    """The model in ``model_dir`` ready for inference on ``device`` (default: a GPU if there is one)."""
+    model_dir = Path(model_dir)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    kwargs = {"dtype": dtype, "attn_implementation": "sdpa"}
+    is_lora = (model_dir / "adapter_config.json").is_file()
+    if not is_lora and not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir} holds neither adapter_config.json (LoRA) nor config.json (a full model).")
+    base = base or run_base_model(model_dir)
+    if is_lora:
+        if base is None:
+            raise ValueError(f"{model_dir}/adapter_config.json names no base model: pass --base.")
+        model = PeftModel.from_pretrained(Phi3VForCausalLM.from_pretrained(base, **kwargs), model_dir)
+    else:
+        model = Phi3VForCausalLM.from_pretrained(model_dir, **kwargs)
+    processor_kwargs = {"num_crops": num_crops} if num_crops else {}
+    processor = AutoProcessor.from_pretrained(model_dir, **processor_kwargs)
+    return Trained(model.to(device).eval(), processor, "lora" if is_lora else "full", base)
+
+
+def _itself(conversation: Conversation) -> Conversation:
+    return conversation
+
+
+def ask(
+    trained: Trained,
+    questions: Sequence[tuple[str, list[ImageRef]]],
+    max_new_tokens: int = 64,
+    batch_size: int = 8,
+    show_progress: bool = False,
+) -> list[str]:
+    """Greedy answers to (question, images) pairs, with the recipes' prompt and stopping rules."""
+    conversations = RowSource.of([Conversation([Turn(q, "", list(images))]) for q, images in questions], "questions")
+    prompts = EvaluationSamples(conversations, conversations.indices, _itself, trained.processor)
+    results = generate_answers(
+        trained.model, trained.processor, prompts, list(range(len(prompts))), batch_size, max_new_tokens, show_progress
+    )
+    return [result["generated_text"].strip() for result in sorted(results, key=lambda r: r["index"])]
