@@ -1,7 +1,9 @@
-"""Finetune Phi-3.5-vision on Hateful Memes; the metric is exact-match accuracy.
+"""Finetune Phi-3.5-vision on Hateful Memes; the metrics are exact-match accuracy and AUROC.
 
 Data: the_cauldron's hateful_memes config (images: one meme, texts[0]: the question and "yes"/"no").
-The Cauldron has only a train split: the first --eval_size rows are held out for evaluation.
+The Cauldron has only a train split: the first --eval_size rows are held out for evaluation. AUROC, the
+dataset's official metric, ranks the samples by the model's probability of "yes" (against "no");
+--eval_mode likelihood also takes the more likely of the two as the answer.
 
     torchrun --nproc_per_node=4 finetune_hf_trainer_hateful_memes.py --bf16 --use_flash_attention
     python finetune_hf_trainer_hateful_memes.py --model_name_or_path /tmp/tiny --dataset_name_or_path /tmp/hm \\
@@ -29,6 +31,8 @@ TASK = Task(
     load_splits=load_splits,
     train_conversation=conversation,
     eval_conversation=conversation,
+    classification=True,
+    auroc_label="yes",  # the dataset's official metric, from the likelihood of "yes" against "no"
 )
 
 if __name__ == "__main__":

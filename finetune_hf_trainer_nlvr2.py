@@ -36,6 +36,7 @@ TASK = Task(
     load_splits=load_splits,
     train_conversation=train_conversation,
     eval_conversation=eval_conversation,
+    classification=True,  # --eval_mode likelihood picks the most likely answer among the references
 )
 
 if __name__ == "__main__":

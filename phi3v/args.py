@@ -54,9 +54,15 @@ class RecipeArguments:
     dataloader_num_workers: int = flag(4, "(new flag, original value) data-loading worker processes")
     max_eval_samples: int | None = flag(None, "(new) evaluate on at most this many samples")
     max_new_tokens: int = flag(64, "(new flag, original value) tokens generated per evaluation answer")
+    eval_mode: str = flag(
+        "generate",
+        "(new) generate answers (the original), or pick the most likely label (classification recipes)",
+        choices=["generate", "likelihood"],
+    )
     seed: int = flag(42, "(new flag, Trainer's default) random seed")
     deepspeed: str = flag("ds_configs/zero2.json", "(new) DeepSpeed config for full finetuning; 'none' for plain DDP")
     trust_remote_code: bool = flag(False, "(new) allow code shipped with the checkpoint to run")
+    report_to: str = flag("none", "(new) also log to an integration of the HF Trainer (tensorboard, wandb, ...)")
     save_steps: int | None = flag(
         None, "(new) write a checkpoint every N optimizer steps (default: none, as the original)"
     )

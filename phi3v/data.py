@@ -146,3 +146,7 @@ class EvaluationSamples(torch.utils.data.Dataset):
         conversation = self.conversation(self.source.rows[self.rows[index]])
         example = encode_conversation(self.processor, conversation, for_training=False)
         return {**example, "index": index, "answers": conversation.references()}
+
+    def references(self, index: int) -> list[str]:
+        """The reference answers of sample ``index``, without encoding it."""
+        return self.conversation(self.source.rows[self.rows[index]]).references()

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from .collators import EvalCollator
 from .distributed import gathered
+from .likelihood import label_log_likelihoods
 from .preemption import start_dataloader_worker
 
 logger = logging.getLogger(__name__)
@@ -62,6 +63,27 @@ def accuracy(predictions: Sequence[str], references: Sequence[Sequence[str]]) ->
         for prediction, answers in zip(predictions, references, strict=True)
     ]
     return sum(hits) / len(hits)
+
+
+def auroc(scores: Sequence[float], positives: Sequence[bool]) -> float | None:
+    """Area under the ROC curve: the chance that a random positive scores above a random negative, ties
+    counting half (the Mann-Whitney statistic, from average ranks). None when one class is absent."""
+    num_positive = sum(positives)
+    num_negative = len(positives) - num_positive
+    if not num_positive or not num_negative:
+        return None
+    order = sorted(range(len(scores)), key=lambda i: scores[i])
+    ranks = [0.0] * len(scores)
+    start = 0
+    while start < len(order):
+        end = start
+        while end + 1 < len(order) and scores[order[end + 1]] == scores[order[start]]:
+            end += 1
+        for position in range(start, end + 1):
+            ranks[order[position]] = (start + end) / 2 + 1  # tied scores share their average rank
+        start = end + 1
+    positive_ranks = sum(rank for rank, positive in zip(ranks, positives) if positive)
+    return (positive_ranks - num_positive * (num_positive + 1) / 2) / (num_positive * num_negative)
 
 
 def no_score(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> None:
@@ -143,16 +165,30 @@ def evaluate(
     output_file: Path,
     show_progress: bool = True,
     num_workers: int = 0,
+    mode: str = "generate",
+    positive_label: str | None = None,
 ) -> float | None:
-    """Evaluate on all ranks, write ``output_file`` on rank 0 and return the score there (None elsewhere)."""
+    """Evaluate on all ranks, write ``output_file`` on rank 0 and return the score there (None elsewhere).
+
+    ``mode`` "generate" answers greedily (the original); "likelihood" predicts the label, among the
+    evaluation set's reference answers, that the model finds most likely. With ``positive_label`` the
+    labels are scored in either mode and the AUROC of that label's probability is reported too."""
     state = PartialState()
     was_training = model.training
     model.eval()
     indices = shard_indices(len(dataset), state.process_index, state.num_processes)
     show_progress = show_progress and state.is_main_process
-    results = generate_answers(
-        model, processor, dataset, indices, batch_size, max_new_tokens, show_progress, num_workers
-    )
+    labels = label_set(dataset) if mode == "likelihood" or positive_label else []
+    results = []
+    if mode == "generate":
+        results = generate_answers(
+            model, processor, dataset, indices, batch_size, max_new_tokens, show_progress, num_workers
+        )
+    if labels:
+        scored = label_log_likelihoods(
+            model, processor, dataset, indices, labels, batch_size, show_progress, num_workers
+        )
+        results = _with_scores(results, scored, labels)
     model.train(was_training)
     ordered = restore_order(gathered(results), len(dataset))
     if not state.is_main_process:
@@ -160,16 +196,42 @@ def evaluate(
     predictions = [r["generated_text"] for r in ordered]
     references = [r["answers"] for r in ordered]
     score = METRICS[metric](predictions, references)
+    report = {"answers_unique": references, "generated_texts_unique": predictions, metric: score}
+    report["num_samples"] = len(ordered)
+    if labels:
+        report |= {"labels": labels, "label_log_likelihoods": [r["scores"] for r in ordered]}
+    if positive_label:
+        report["auroc"] = _auroc_of(positive_label, labels, ordered)
+        logger.info("AUROC (%r against the rest) = %s", positive_label, report["auroc"])
     output_file.parent.mkdir(parents=True, exist_ok=True)
-    report = {
-        "answers_unique": references,
-        "generated_texts_unique": predictions,
-        metric: score,
-        "num_samples": len(ordered),
-    }
     output_file.write_text(json.dumps(report, indent=2) + "\n")
     if score is None:
         logger.info("%d answers written to %s (not scored)", len(ordered), output_file)
     else:
         logger.info("%s = %.4f on %d samples (%s)", metric, score, len(ordered), output_file)
     return score
+
+
+def label_set(dataset) -> list[str]:
+    """The distinct reference answers of the evaluation set: the labels of a classification task."""
+    return sorted({answer.strip() for index in range(len(dataset)) for answer in dataset.references(index)})
+
+
+def _with_scores(generated: list[dict], scored: list[dict], labels: list[str]) -> list[dict]:
+    """Generated answers with their label scores, or (likelihood mode) the most likely label as the answer."""
+    if not generated:
+        return [{**r, "generated_text": labels[max(range(len(labels)), key=r["scores"].__getitem__)]} for r in scored]
+    scores = {r["index"]: r["scores"] for r in scored}
+    return [{**r, "scores": scores[r["index"]]} for r in generated]
+
+
+def _auroc_of(positive_label: str, labels: list[str], ordered: list[dict]) -> float | None:
+    """AUROC of P(positive label), normalised over the labels, against the references."""
+    positive = _normalize_prediction(positive_label).lower()
+    matches = [k for k, label in enumerate(labels) if _normalize_prediction(label).lower() == positive]
+    if not matches:
+        logger.warning("No reference answer is %r: no AUROC.", positive_label)
+        return None
+    probabilities = [torch.tensor(r["scores"]).softmax(0)[matches].sum().item() for r in ordered]
+    truths = [any(_normalize_prediction(a).lower() == positive for a in r["answers"]) for r in ordered]
+    return auroc(probabilities, truths)

@@ -15,6 +15,7 @@ import importlib.util
 import json
 import logging
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -31,6 +32,7 @@ from .data import Conversation, EvaluationSamples, TrainingSamples
 from .errors import RecipeError
 from .evaluation import evaluate
 from .preemption import StopRequest
+from .report import MetricsCallback, plot_report, step_records, update_metrics, write_run_args
 from .sources import RowSource
 from .training import (
     load_model,
@@ -54,6 +56,8 @@ class Task:
     # time the row is seen (DocVQA: one per reference answer, as the original's random.choice).
     train_conversation: Callable[[Any], Conversation | list[Conversation]]
     eval_conversation: Callable[[Any], Conversation]
+    classification: bool = False  # answers come from a fixed set of labels: --eval_mode likelihood applies
+    auroc_label: str | None = None  # score the labels in every evaluation and report this one's AUROC
 
 
 def load_task(script: str) -> Task:
@@ -99,6 +103,7 @@ def run_recipe(task: Task, args: RecipeArguments) -> dict[str, float | None]:
 
 
 def _run(task: Task, args: RecipeArguments, state) -> dict[str, float | None]:
+    started = time.monotonic()
     accumulation = gradient_accumulation_steps(args.batch_size, state.num_processes, args.batch_size_per_gpu)
     logger.info(
         "World size %d, gradient accumulation %d, per-device batch %d",
@@ -108,9 +113,13 @@ def _run(task: Task, args: RecipeArguments, state) -> dict[str, float | None]:
     )
     output_dir = Path(args.output_dir)
     metric = task.metric or args.metric
+    if args.eval_mode == "likelihood" and not task.classification:
+        raise RecipeError("--eval_mode likelihood scores a fixed set of labels; this recipe's answers are free text.")
     resume_from = prepare_output_dir(args)
+    if state.is_main_process:
+        write_run_args(args, output_dir)
     processor = load_processor(args)
-    train_set, eval_set = _checked_datasets(task, args, processor, state)
+    train_set, eval_set, images_per_sample = _checked_datasets(task, args, processor, state)
 
     run_evaluation = partial(
         evaluate,
@@ -121,16 +130,24 @@ def _run(task: Task, args: RecipeArguments, state) -> dict[str, float | None]:
         num_workers=args.dataloader_num_workers,
         max_new_tokens=args.max_new_tokens,
         show_progress=not args.no_tqdm,
+        mode=args.eval_mode,
+        positive_label=task.auroc_label,
     )
     stop_request = StopRequest(announce=state.is_main_process).install()
     model = load_model(args, quantize=args.use_qlora)
     before = _evaluate_before(run_evaluation, model, output_dir, metric, resume_from)
+    if state.is_main_process:
+        sizes = {"train_samples": len(train_set), "eval_samples": len(eval_set)}
+        update_metrics(output_dir, metric=metric, before=before, auroc_before=_auroc(output_dir / "eval_before.json"))
+        update_metrics(output_dir, **sizes)
     if stop_request.signal is not None:
         _stop_for_signal(stop_request, "before training started; nothing to resume, rerun the command")
     transformers.set_seed(args.seed)  # LoRA's random initialisation, the same for the same --seed
     model = prepare_for_training(model, args)
-    describe_row = train_set.source.where
-    model = train_and_save(model, processor, train_set, args, accumulation, resume_from, stop_request, describe_row)
+    metrics = MetricsCallback(output_dir, images_per_sample)
+    model = train_and_save(
+        model, processor, train_set, args, accumulation, resume_from, stop_request, train_set.source.where, metrics
+    )
     if model is None:
         checkpoint = output_dir / f"checkpoint-{stop_request.stopped_at_step}"
         _stop_for_signal(stop_request, f"{checkpoint} is complete; rerun the same command with "
@@ -142,14 +159,20 @@ def _run(task: Task, args: RecipeArguments, state) -> dict[str, float | None]:
             torch.cuda.empty_cache()
         model = load_trained_for_evaluation(args)
     after = run_evaluation(model, output_file=output_dir / "eval_after.json")
+    if state.is_main_process:
+        final_loss = (step_records(metrics.log_history) or [{}])[-1].get("loss")
+        update_metrics(output_dir, after=after, auroc_after=_auroc(output_dir / "eval_after.json"))
+        update_metrics(output_dir, final_loss=final_loss, total_runtime_s=time.monotonic() - started)
+        logger.info("Run report: %s and %s", output_dir / "metrics.json", plot_report(output_dir))
     if state.is_main_process and metric != "none":
         logger.info("%s before training: %.4f, after training: %.4f", metric, before, after)
     state.wait_for_everyone()
     return {"before": before, "after": after}
 
 
-def _checked_datasets(task: Task, args: RecipeArguments, processor, state) -> tuple[TrainingSamples, EvaluationSamples]:
-    """The task's splits, every sample validated; bad ones stop the run or are listed and dropped."""
+def _checked_datasets(task: Task, args: RecipeArguments, processor, state):
+    """The task's splits, every sample validated (bad ones stop the run or are listed and dropped), as
+    (training samples, evaluation samples, images per training sample)."""
     with state.main_process_first():
         train, held_out = load_sources(task, args)
     checked = validate_recipe_data(task, args, processor, train, held_out)
@@ -158,7 +181,7 @@ def _checked_datasets(task: Task, args: RecipeArguments, processor, state) -> tu
     train_set = TrainingSamples(train, checked.train_rows, task.train_conversation, processor, args.seed)
     eval_set = EvaluationSamples(held_out, checked.eval_rows, task.eval_conversation, processor)
     logger.info("%d training samples, %d evaluation samples", len(train_set), len(eval_set))
-    return train_set, eval_set
+    return train_set, eval_set, checked.train_images_per_sample
 
 
 def _evaluate_before(run_evaluation, model, output_dir: Path, metric: str, resume_from: str | None) -> float | None:
@@ -169,6 +192,10 @@ def _evaluate_before(run_evaluation, model, output_dir: Path, metric: str, resum
         logger.info("Resuming: the evaluation before training is in %s (%s %s), not redone", done, metric, score)
         return score
     return run_evaluation(model, output_file=done)
+
+
+def _auroc(evaluation_file: Path) -> float | None:
+    return json.loads(evaluation_file.read_text()).get("auroc") if evaluation_file.is_file() else None
 
 
 def _stop_for_signal(stop_request: StopRequest, what_now: str) -> None:

@@ -32,6 +32,7 @@ from .collators import TrainCollator
 from .guards import GradientWatch, LossGuard, trainable_parameter_table
 from .modeling import Phi3VForCausalLM
 from .preemption import PreemptionCallback, StopRequest, start_dataloader_worker
+from .report import MetricsCallback
 from .sources import require_local_or_reachable
 
 logger = logging.getLogger(__name__)
@@ -207,7 +208,7 @@ def build_training_args(args: RecipeArguments, accumulation_steps: int) -> Train
         fp16=on_gpu and not args.bf16,
         use_cpu=not on_gpu,
         remove_unused_columns=False,
-        report_to="none",
+        report_to=args.report_to,  # the original: "none"
         deepspeed=args.deepspeed if args.uses_deepspeed else None,
         accelerator_config={"use_configured_state": True},  # the state from setup_distributed
         disable_tqdm=args.no_tqdm,
@@ -259,6 +260,7 @@ def train_and_save(
     resume_from: str | None,
     stop_request: StopRequest,
     describe_row: Callable[[int], str],
+    metrics: MetricsCallback,
 ) -> Phi3VForCausalLM | None:
     """Train (resuming from ``resume_from``), save the model (adapters only for LoRA) and the processor to
     --output_dir, and return the trained model without its DDP/DeepSpeed wrapper. Returns None when a stop
@@ -272,6 +274,7 @@ def train_and_save(
         loss_guard,
         GradientWatch(model),
         PreemptionCallback(stop_request),
+        metrics,
     ]
     trainer = RecipeTrainer(
         model=model,

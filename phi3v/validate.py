@@ -70,6 +70,7 @@ class CheckedData:
     train_rows: list[int]
     eval_rows: list[int]
     skipped: list[dict[str, Any]]
+    train_images_per_sample: float = 0.0
 
 
 # --- one row ---------------------------------------------------------------------------------------------------
@@ -335,6 +336,8 @@ def validate_recipe_data(task: Task, args: RecipeArguments, processor, train: Ro
             for split, source, c in bad
         ],
     )
+    kept = [c for c in train_checks if not c.problems]
+    checked.train_images_per_sample = sum(c.images for c in kept) / max(len(kept), 1)
     if not checked.train_rows or sum(c.supervised for c in train_checks if not c.problems) == 0:
         raise RecipeError(f"No training sample with a supervised token is left in {train.origin}: nothing to learn.")
     if not checked.eval_rows:

@@ -1,0 +1,123 @@
+"""What a run did, written beside its model: ``run_args.json``, ``metrics.json`` and ``training_report.png``.
+
+- ``run_args.json`` (at start): every flag, the command line, the world size and the versions, so a
+  sweep's runs can be compared (``python -m phi3v.runs``) and any run repeated.
+- ``metrics.json``: the loss, learning rate and gradient norm of every logged step (rewritten at each log,
+  so a run that dies keeps them), then the evaluation before and after, the run time and the speed.
+- ``training_report.png``: loss and learning rate per step, and the metric before and after.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shlex
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import peft
+import torch
+import transformers
+from accelerate import PartialState
+from transformers import TrainerCallback
+
+from .args import RecipeArguments
+
+STEP_KEYS = ("loss", "learning_rate", "grad_norm")
+
+
+def package_version() -> str:
+    from importlib.metadata import version
+
+    return version("phi3v")
+
+
+def write_run_args(args: RecipeArguments, output_dir: Path) -> None:
+    state = PartialState()
+    record = {
+        "flags": asdict(args),
+        "command": shlex.join([sys.executable, *sys.argv]),
+        "world_size": state.num_processes,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "versions": {
+            "phi3v": package_version(),
+            "transformers": transformers.__version__,
+            "torch": torch.__version__,
+            "peft": peft.__version__,
+            "python": platform.python_version(),
+        },
+    }
+    (output_dir / "run_args.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
+def step_records(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One record per logged optimizer step (the Trainer's summary entry at the end is not one)."""
+    return [
+        {"step": entry["step"], "epoch": entry.get("epoch"), **{key: entry.get(key) for key in STEP_KEYS}}
+        for entry in log_history
+        if "loss" in entry
+    ]
+
+
+class MetricsCallback(TrainerCallback):
+    """Keeps metrics.json up to date with every log line, on the main process."""
+
+    def __init__(self, output_dir: Path, images_per_sample: float):
+        self.output_dir = output_dir
+        self.images_per_sample = images_per_sample
+        self.log_history: list[dict[str, Any]] = []
+        self.train_summary: dict[str, Any] = {}
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.log_history = list(state.log_history)
+        if "train_runtime" in (logs or {}):
+            self.train_summary = {
+                "train_runtime_s": logs["train_runtime"],
+                "train_samples_per_second": logs["train_samples_per_second"],
+                "train_images_per_second": logs["train_samples_per_second"] * self.images_per_sample,
+            }
+        if state.is_world_process_zero:
+            update_metrics(self.output_dir, steps=step_records(self.log_history), **self.train_summary)
+        return control
+
+
+def update_metrics(output_dir: Path, **values: Any) -> dict[str, Any]:
+    """Merge ``values`` into metrics.json (atomically: a reader never sees half a file)."""
+    path = Path(output_dir) / "metrics.json"
+    metrics = json.loads(path.read_text()) if path.is_file() else {}
+    metrics.update(values)
+    partial = path.with_suffix(".json.partial")
+    partial.write_text(json.dumps(metrics, indent=2) + "\n")
+    partial.replace(path)
+    return metrics
+
+
+def plot_report(output_dir: Path) -> Path:
+    """training_report.png from metrics.json."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    metrics = json.loads((Path(output_dir) / "metrics.json").read_text())
+    steps = metrics.get("steps", [])
+    figure, (loss_axis, lr_axis, metric_axis) = plt.subplots(1, 3, figsize=(14, 4), width_ratios=[3, 3, 1.4])
+    loss_axis.plot([s["step"] for s in steps], [s["loss"] for s in steps], color="tab:blue")
+    loss_axis.set(title="training loss", xlabel="optimizer step")
+    lr_axis.plot([s["step"] for s in steps], [s["learning_rate"] for s in steps], color="tab:orange")
+    lr_axis.set(title="learning rate", xlabel="optimizer step")
+    name = metrics.get("metric", "metric")
+    scores = [metrics.get("before"), metrics.get("after")]
+    metric_axis.bar(["before", "after"], [score or 0.0 for score in scores], color=["tab:gray", "tab:green"])
+    for x, score in enumerate(scores):
+        metric_axis.annotate("n/a" if score is None else f"{score:.3f}", (x, score or 0.0), ha="center", va="bottom")
+    metric_axis.set(title=name, ylim=(0, 1.05))
+    figure.suptitle(f"{Path(output_dir).resolve().name}: {metrics.get('train_images_per_second', 0):.2f} images/s")
+    figure.tight_layout()
+    path = Path(output_dir) / "training_report.png"
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
