@@ -5,11 +5,15 @@ Importing ``phi3v`` registers the classes with the transformers Auto classes, so
 and no remote code (checkpoint-supplied code runs only when the caller opts in with ``trust_remote_code``).
 """
 
-from transformers import AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoProcessor
+from .console import quiet_expected_messages
 
-from .configuration import Phi3VConfig
-from .modeling import Phi3VForCausalLM, Phi3VModel
-from .processing import Phi3VImageProcessor, Phi3VProcessor
+quiet_expected_messages()  # before the libraries below log what every run here expects (phi3v/console.py)
+
+from transformers import AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoProcessor  # noqa: E402
+
+from .configuration import Phi3VConfig  # noqa: E402
+from .modeling import Phi3VForCausalLM, Phi3VModel  # noqa: E402
+from .processing import Phi3VImageProcessor, Phi3VProcessor  # noqa: E402
 
 AutoConfig.register(Phi3VConfig.model_type, Phi3VConfig, exist_ok=True)
 AutoModelForCausalLM.register(Phi3VConfig, Phi3VForCausalLM, exist_ok=True)

@@ -28,6 +28,7 @@ from accelerate import PartialState
 
 from .args import REPO_ROOT, RecipeArguments, gradient_accumulation_steps
 from .checkpoints import prepare_output_dir
+from .console import available_cpus
 from .data import Conversation, EvaluationSamples, TrainingSamples
 from .errors import RecipeError
 from .evaluation import evaluate
@@ -113,6 +114,14 @@ def _run(task: Task, args: RecipeArguments, state) -> dict[str, float | None]:
     )
     output_dir = Path(args.output_dir)
     metric = task.metric or args.metric
+    if args.dataloader_num_workers > available_cpus():
+        logger.info(
+            "--dataloader_num_workers %d is more than the %d CPUs here: using %d.",
+            args.dataloader_num_workers,
+            available_cpus(),
+            available_cpus(),
+        )
+        args.dataloader_num_workers = available_cpus()
     if args.eval_mode == "likelihood" and not task.classification:
         raise RecipeError("--eval_mode likelihood scores a fixed set of labels; this recipe's answers are free text.")
     resume_from = prepare_output_dir(args)

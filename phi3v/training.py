@@ -178,7 +178,7 @@ def prepare_for_training(model: Phi3VForCausalLM, args: RecipeArguments) -> Phi3
 
 def build_training_args(args: RecipeArguments, accumulation_steps: int) -> TrainingArguments:
     on_gpu = torch.cuda.is_available()
-    if not on_gpu:
+    if not on_gpu and PartialState().is_main_process:
         logger.warning("No GPU: training runs in fp32 on the CPU (fp16/bf16 mixed precision need a GPU here).")
     return TrainingArguments(
         output_dir=args.output_dir,

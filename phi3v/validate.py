@@ -37,6 +37,7 @@ from accelerate import PartialState
 from PIL import Image
 from tqdm import tqdm
 
+from .console import available_cpus
 from .data import IGNORE_INDEX, Conversation, as_candidates, conversation_ids
 from .distributed import from_main_process, gathered, is_distributed
 from .errors import RecipeError
@@ -195,7 +196,7 @@ def check_rows(
 
 def default_workers() -> int:
     """This rank's share of the CPUs it may run on."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cpus = available_cpus()
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     return max(1, cpus // local_ranks)
 
