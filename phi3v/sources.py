@@ -286,7 +286,7 @@ def _from_llava(record: Any) -> dict | JsonlLine:
     remaining, turns = list(images), []
     for number, (question, answer) in enumerate(zip(messages[::2], messages[1::2])):
         count = question["value"].count(LLAVA_IMAGE) if placeholders else (len(images) if number == 0 else 0)
-        text = question["value"].replace(LLAVA_IMAGE + "\n", "").replace(LLAVA_IMAGE, "").strip()
+        text = " ".join(part.strip() for part in question["value"].split(LLAVA_IMAGE) if part.strip())
         turns.append({"images": remaining[:count], "user": text, "assistant": answer["value"]})
         remaining = remaining[count:]
     return {"id": record.get("id"), "source": "llava", "conversations": turns}

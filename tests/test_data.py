@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import random
-
-import datasets
 import numpy as np
 import pytest
 import torch
@@ -14,8 +10,7 @@ from tokenizers import Tokenizer
 
 from phi3v.collators import EvalCollator, TrainCollator
 from phi3v.data import Conversation, EvaluationSamples, TrainingSamples, Turn, encode_conversation, sample_rng
-from phi3v.sources import RowSource, jsonl_conversation, load_cauldron_splits, read_conversations
-from phi3v.synthetic import CAULDRON_FEATURES, DOCVQA_MINI_FEATURES, write_cauldron, write_docvqa
+from phi3v.sources import RowSource
 
 
 def list_source(rows: list) -> RowSource:
@@ -127,64 +122,6 @@ def test_collators_accept_text_only_examples(tiny_processor):
     assert "pixel_values" not in batch
 
 
-# --- the jsonl format -----------------------------------------------------------------------------------------
-
-
-def write_jsonl(path, records):
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
-
-
-def test_jsonl_round_trip(tmp_path, tiny_processor):
-    (tmp_path / "images" / "a").mkdir(parents=True)
-    image(seed=3).save(tmp_path / "images" / "a" / "0.jpg")
-    record = {"id": "x", "source": "s", "conversations": [
-        {"images": ["a/0.jpg"], "user": "What is it?", "assistant": "noise"},
-        {"user": "Sure?", "assistant": "yes"},
-    ]}  # fmt: skip
-    write_jsonl(tmp_path / "train.jsonl", ["", record])
-    source = read_conversations(tmp_path / "train.jsonl", tmp_path / "images")
-    assert source.indices == [0] and source.where(0) == f"{tmp_path / 'train.jsonl'}:2"
-    conversation = jsonl_conversation(source.rows[0])
-    assert [t.user for t in conversation.turns] == ["What is it?", "Sure?"]
-    assert conversation.turns[0].images == [str((tmp_path / "images" / "a" / "0.jpg").resolve())]
-    assert conversation.turns[1].images == []
-    example = encode_conversation(tiny_processor, conversation, for_training=True)
-    assert example["pixel_values"].shape[0] == 1
-
-
-def test_jsonl_problems_stay_with_their_line(tmp_path):
-    (tmp_path / "images").mkdir()
-    (tmp_path / "secret.jpg").write_bytes(b"x")
-    (tmp_path / "images" / "link.jpg").symlink_to(tmp_path / "secret.jpg")
-    good_turn = {"images": [], "user": "q", "assistant": "a"}
-    write_jsonl(
-        tmp_path / "bad.jsonl",
-        [
-            {"conversations": [good_turn]},
-            "{not json",
-            {"conversations": []},
-            {"conversations": [{"images": ["../secret.jpg"], "user": "q", "assistant": "a"}]},
-            {"conversations": [{"images": ["missing.jpg"], "user": "q", "assistant": "a"}]},
-            {"conversations": [{"user": "q"}]},
-            {"conversations": [{"images": [str(tmp_path / "secret.jpg")], "user": "q", "assistant": "a"}]},
-            {"conversations": [{"images": ["link.jpg"], "user": "q", "assistant": "a"}]},
-        ],
-    )
-    source = read_conversations(tmp_path / "bad.jsonl", tmp_path / "images")
-    problems = {source.where(i): source.schema_problems(source.rows[i]) for i in source.indices}
-    jsonl = tmp_path / "bad.jsonl"
-    assert problems[f"{jsonl}:1"] == []
-    assert problems[f"{jsonl}:2"][0].startswith("not valid JSON")
-    assert "non-empty list" in problems[f"{jsonl}:3"][0]
-    assert problems[f"{jsonl}:4"] == [
-        f"turn 1: image path '../secret.jpg' leaves the image folder {tmp_path / 'images'}"
-    ]
-    assert "does not exist" in problems[f"{jsonl}:5"][0]
-    assert problems[f"{jsonl}:6"] == ['turn 1: "assistant" must be a string']
-    assert "leaves the image folder" in problems[f"{jsonl}:7"][0]  # an absolute path
-    assert "leaves the image folder" in problems[f"{jsonl}:8"][0]  # a symlink pointing outside
-
-
 def test_sample_choices_depend_only_on_seed_epoch_and_row():
     choices = [sample_rng(7, epoch, row).random() for epoch in range(2) for row in range(3)]
     assert choices == [sample_rng(7, epoch, row).random() for epoch in range(2) for row in range(3)]
@@ -201,78 +138,3 @@ def test_training_samples_draw_one_candidate_per_epoch(tiny_processor):
         drawn.append(tiny_processor.tokenizer.decode(labels, skip_special_tokens=True).strip())
         assert dataset[0]["labels"].tolist() == dataset[0]["labels"].tolist()  # the same within an epoch
     assert len(set(drawn)) > 1 and set(drawn) <= {"alpha", "beta", "gamma", "delta"}
-
-
-# --- synthetic data in the hub schemas -------------------------------------------------------------------------
-
-
-def test_synthetic_docvqa_has_the_hub_schema(tmp_path):
-    write_docvqa(tmp_path, num_train=6, num_test=3)
-    train = datasets.load_dataset(str(tmp_path), split="train")
-    test = datasets.load_dataset(str(tmp_path), split="test")
-    assert train.features == DOCVQA_MINI_FEATURES and (len(train), len(test)) == (6, 3)
-    row = train[0]
-    assert set(row["query"]) == {"de", "en", "es", "fr", "it"} and isinstance(row["answers"], list)
-    assert isinstance(row["image"], Image.Image)
-    cauldron = datasets.load_dataset(str(tmp_path / "the_cauldron"), "docvqa", split="train")
-    assert cauldron.features == CAULDRON_FEATURES
-    assert set(cauldron[0]["texts"][0]) == {"user", "assistant", "source"}
-
-
-@pytest.mark.parametrize("config, images_per_row", [("hateful_memes", 1), ("nlvr2", 2)])
-def test_synthetic_cauldron_configs(tmp_path, config, images_per_row):
-    write_cauldron(tmp_path, config, num_rows=12)
-    train, held_out = load_cauldron_splits(str(tmp_path), config, eval_size=4, images_per_row=images_per_row)
-    assert (train.indices, held_out.indices) == (list(range(4, 12)), [0, 1, 2, 3])
-    assert train.where(4).endswith(f"(config {config}, split train) row 4")  # numbered as dataset[i]
-    assert all(len(train.rows[i]["images"]) == images_per_row for i in train.indices)
-    assert all(set(train.rows[i]["images"][0]) == {"bytes", "path"} for i in train.indices)  # not decoded
-    assert not any(train.schema_problems(train.rows[i]) for i in train.indices)
-    with pytest.raises(ValueError, match="Lower --eval_size"):
-        load_cauldron_splits(str(tmp_path), config, eval_size=12)
-
-
-def test_cauldron_rows_with_the_wrong_image_count_are_reported(tmp_path):
-    write_cauldron(tmp_path, "hateful_memes", num_rows=6)
-    train, _ = load_cauldron_splits(str(tmp_path), "hateful_memes", eval_size=2, images_per_row=2)
-    assert train.schema_problems(train.rows[3]) == ["holds 1 image(s), this recipe needs exactly 2"]
-
-
-def test_offline_hub_ids_fail_fast_with_the_way_out(monkeypatch):
-    from phi3v.sources import load_hub_dataset
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(RuntimeError, match="python -m phi3v.synthetic"):
-        load_hub_dataset("nielsr/docvqa_1200_examples", None, "train", "--dataset_name_or_path", ["image"])
-
-
-def test_local_folders_with_the_same_name_do_not_share_a_cache(tmp_path):
-    """datasets alone would serve the second folder the first one's cached rows."""
-    from phi3v.sources import load_hub_dataset
-
-    write_docvqa(tmp_path / "a" / "docvqa", num_train=3, num_test=1)
-    write_docvqa(tmp_path / "b" / "docvqa", num_train=5, num_test=1)
-    sizes = [len(load_hub_dataset(str(tmp_path / x / "docvqa"), None, "train", "--flag", ["image"])) for x in "ab"]
-    assert sizes == [3, 5]
-    write_docvqa(tmp_path / "a" / "docvqa", num_train=4, num_test=1)  # rewritten in place
-    assert len(load_hub_dataset(str(tmp_path / "a" / "docvqa"), None, "train", "--flag", ["image"])) == 4
-
-
-def test_hub_row_schema_problems(tmp_path):
-    """An empty answer list would crash the builder hours into a run; the row check names it."""
-    from phi3v.sources import load_hub_source
-    from phi3v.synthetic import _write_readme, _write_split, docvqa_mini_row
-
-    rng = random.Random(0)
-    rows = [docvqa_mini_row(i, rng) for i in range(4)]
-    rows[2]["answers"] = []
-    rows[3]["query"] = {"de": "Was?"}
-    _write_split(rows, DOCVQA_MINI_FEATURES, tmp_path / "data" / "train-00000-of-00001.parquet")
-    _write_readme(tmp_path, {"default": ["train"]})
-    source = load_hub_source(str(tmp_path), None, "train", "--flag", ["image", "query", "answers"])
-    assert [source.schema_problems(source.rows[i]) for i in range(4)] == [
-        [],
-        [],
-        ["answers must be a non-empty list of strings"],
-        ["query needs a string 'en'"],
-    ]

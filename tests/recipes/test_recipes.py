@@ -13,7 +13,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from phi3v.sources import load_hub_dataset
+from phi3v.data import EvaluationSamples
+from phi3v.evaluation import evaluate
+from phi3v.inference import load_trained
+from phi3v.recipe import load_task
+from phi3v.sources import load_cauldron_splits, load_hub_dataset
 from phi3v.synthetic import write_cauldron
 from tests.conftest import REPO
 from tests.recipes.conftest import free_port, launch
@@ -199,6 +203,25 @@ def test_the_tiny_model_learns(tmp_path, tiny_dir):
     before = json.loads((output_dir / "eval_before.json").read_text())["accuracy"]
     after = json.loads((output_dir / "eval_after.json").read_text())["accuracy"]
     assert before <= 0.5 and after >= 0.9, (before, after)
+    # AUROC, Hateful Memes' official metric, from the likelihood of "yes" against "no"
+    assert json.loads((output_dir / "eval_after.json").read_text())["auroc"] >= 0.9
+    check_likelihood_agrees_with_generation(output_dir, tmp_path / "memes")
+
+
+def check_likelihood_agrees_with_generation(model_dir: Path, data: Path) -> None:
+    """Where greedy generation answers with one of the labels, scoring the labels picks the same one."""
+    trained = load_trained(model_dir, device="cpu")
+    _, held_out = load_cauldron_splits(str(data), "hateful_memes", eval_size=40)
+    samples = EvaluationSamples(
+        held_out, held_out.indices, load_task("hateful_memes").eval_conversation, trained.processor
+    )
+    predictions = {}
+    for mode in ("generate", "likelihood"):
+        report = model_dir / f"eval_{mode}.json"
+        evaluate(trained.model, trained.processor, samples, "accuracy", 8, 4, report, False, mode=mode)
+        predictions[mode] = [p.strip().lower() for p in json.loads(report.read_text())["generated_texts_unique"]]
+    both = [(g, s) for g, s in zip(predictions["generate"], predictions["likelihood"]) if g in ("yes", "no")]
+    assert len(both) >= 36 and all(g == s for g, s in both), both
 
 
 @pytest.mark.parametrize("script", [s for s, _ in SCRIPTS.values() if "ucf101" not in s])

@@ -1,0 +1,199 @@
+"""From a finished run to a model in use: export, predict, the run report, sweeps, your own data."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+from phi3v import Phi3VForCausalLM
+from phi3v.export import export
+from phi3v.predict import main as predict
+from phi3v.runs import main as runs_table
+from phi3v.synthetic import shape_image, write_custom, write_docvqa
+from tests.conftest import REFERENCE
+from tests.recipes.conftest import launch
+
+DOCVQA = "finetune_hf_trainer_docvqa.py"
+MODES = {
+    "lora": ["--use_lora", "--lora_rank", "4", "--report_to", "tensorboard"],
+    "qlora": ["--use_qlora", "--lora_rank", "4"],
+    "full": ["--deepspeed", "none"],
+}
+
+
+def run_flags(tiny_dir: Path, data: Path, output_dir: Path, *extra: str) -> list[str]:
+    return [
+        "--model_name_or_path", str(tiny_dir), "--dataset_name_or_path", str(data), "--output_dir", str(output_dir),
+        "--num_crops", "1", "--batch_size", "2", "--max_steps", "3", "--logging_steps", "1", "--warmup_steps", "0",
+        "--learning_rate", "1e-3", "--max_eval_samples", "2", "--max_new_tokens", "3", "--no-tqdm", *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def docvqa(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("finished") / "docvqa"
+    write_docvqa(folder, num_train=8, num_test=2)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_dir, docvqa, tmp_path_factory) -> dict[str, Path]:
+    """One finished tiny run per kind: LoRA (with TensorBoard), QLoRA, full finetuning."""
+    runs = {}
+    for kind, flags in MODES.items():
+        runs[kind] = tmp_path_factory.mktemp(kind)
+        launch(DOCVQA, run_flags(tiny_dir, docvqa, runs[kind], *flags))
+    return runs
+
+
+def names_and_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    found = {}
+    for shard in folder.glob("*.safetensors"):
+        with safe_open(shard, "pt") as tensors:
+            found |= {name: tuple(tensors.get_slice(name).get_shape()) for name in tensors.keys()}
+    return found
+
+
+def as_pattern(name: str) -> str:
+    return re.sub(r"\.\d+\.", ".N.", name)
+
+
+@pytest.mark.parametrize("kind", list(MODES))
+def test_export_writes_the_official_layout(kind, finished, tiny_dir, tmp_path, capsys):
+    out = tmp_path / "export"
+    difference = export(finished[kind], out, dtype="float32")
+    assert difference < 1e-4
+    assert "Largest logit difference from the run" in capsys.readouterr().out
+    exported = names_and_shapes(out)
+    assert exported == names_and_shapes(tiny_dir)  # the base checkpoint's official names and shapes
+    assert not [name for name in exported if re.search("lora|base_layer|absmax|quant", name)]
+    official = REFERENCE / "phi35v_checkpoint_layout.json"
+    if official.is_file():  # every name follows the official naming pattern (the tiny model has fewer layers)
+        patterns = {as_pattern(name) for name in json.loads(official.read_text())["parameters"]}
+        assert {as_pattern(name) for name in exported} == patterns
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(exported) and set(index["weight_map"].values()) == {
+        "model-00001-of-00001.safetensors"
+    }
+    config = json.loads((out / "config.json").read_text())
+    assert (config["model_type"], config["architectures"], config["torch_dtype"]) == (
+        "phi3_v",
+        ["Phi3VForCausalLM"],
+        "float32",
+    )
+    assert config["rope_scaling"]["type"] == "su" and "rope_parameters" not in config
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_phi3_v.Phi3VForCausalLM"
+    if (REFERENCE / "phi35v_official" / "config.json").is_file():
+        reference = json.loads((REFERENCE / "phi35v_official" / "config.json").read_text())
+        assert set(config) == set(reference) - {"_name_or_path", "_attn_implementation"}
+    processor = json.loads((out / "preprocessor_config.json").read_text())
+    assert processor["num_crops"] == 1 and "auto_map" in processor  # the crops the run trained with
+    assert json.loads((out / "tokenizer_config.json").read_text())["tokenizer_class"] == "LlamaTokenizer"
+    model = Phi3VForCausalLM.from_pretrained(out)
+    assert model.dtype == torch.float32
+
+
+def test_a_bfloat16_export(finished, tmp_path):
+    out = tmp_path / "export"
+    assert export(finished["lora"], out) < 0.05  # bf16 rounding of the weights
+    with safe_open(next(out.glob("model-*.safetensors")), "pt") as tensors:
+        assert tensors.get_tensor("lm_head.weight").dtype == torch.bfloat16
+
+
+def ask(model: Path, *images: Path) -> list[str]:
+    arguments = ["--model", str(model), "--question", "What colour is the shape?", "--max_new_tokens", "4"]
+    for image in images:
+        arguments += ["--image", str(image)]
+    return arguments
+
+
+@pytest.mark.parametrize("kind", list(MODES))
+def test_predict_answers_from_every_kind_of_folder(kind, finished, tmp_path, capsys):
+    images = [tmp_path / "a.png", tmp_path / "b.png"]
+    shape_image("red", "circle", "cat").save(images[0])
+    shape_image("blue", "square", "dog", size=(240, 100)).save(images[1])
+    exported = tmp_path / "export"
+    export(finished[kind], exported, dtype="float32")
+    capsys.readouterr()
+    answers = {}
+    for folder, count in [(finished[kind], 1), (finished[kind], 2), (exported, 1), (exported, 2)]:
+        assert predict(ask(folder, *images[:count])) == 0
+        answers[folder, count] = capsys.readouterr().out.strip()
+    # the export answers as the run does (for LoRA: the adapters merged, against them applied on the base)
+    assert answers[exported, 1] == answers[finished[kind], 1] and answers[exported, 2] == answers[finished[kind], 2]
+
+
+def test_predict_batches_a_questions_file(finished, tmp_path):
+    Image.new("RGB", (64, 48), "red").save(tmp_path / "red.png")
+    questions = [
+        {"id": "q1", "images": ["red.png"], "question": "Colour?"},
+        {"id": "q2", "images": [], "question": "Hi"},
+    ]
+    (tmp_path / "questions.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
+    arguments = ["--model", str(finished["full"]), "--questions", str(tmp_path / "questions.jsonl")]
+    assert predict([*arguments, "--answers", str(tmp_path / "answers.jsonl"), "--batch_size", "2"]) == 0
+    answers = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
+    assert [a["id"] for a in answers] == ["q1", "q2"] and all(isinstance(a["answer"], str) for a in answers)
+    (tmp_path / "bad.jsonl").write_text('{"images": ["../outside.png"], "question": "?"}\n')
+    assert (
+        predict(["--model", str(finished["full"]), "--questions", str(tmp_path / "bad.jsonl"), "--answers", "x"]) == 1
+    )
+
+
+def test_every_run_reports_what_it_did(finished):
+    for kind, run in finished.items():
+        metrics = json.loads((run / "metrics.json").read_text())
+        assert [step["step"] for step in metrics["steps"]] == [1, 2, 3]  # --logging_steps 1, --max_steps 3
+        assert all(step["loss"] > 0 and step["learning_rate"] is not None for step in metrics["steps"])
+        assert metrics["metric"] == "anls" and {"before", "after", "train_images_per_second"} <= set(metrics)
+        with Image.open(run / "training_report.png") as report:
+            assert report.format == "PNG" and report.width > 500
+        run_args = json.loads((run / "run_args.json").read_text())
+        assert run_args["flags"]["max_steps"] == 3 and run_args["versions"]["phi3v"]
+        assert DOCVQA in run_args["command"]
+        assert bool(list(run.glob("runs/*/events.out.tfevents.*"))) == (kind == "lora")  # --report_to tensorboard
+
+
+def test_the_runs_table_shows_what_differs(tiny_dir, docvqa, tmp_path, capsys):
+    for rate in ("1e-4", "1e-3", "1e-2"):
+        launch(DOCVQA, run_flags(tiny_dir, docvqa, tmp_path / f"lr{rate}", *MODES["lora"][:3], "--learning_rate", rate))
+    assert runs_table([str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:2] == ["run", "learning_rate"] and "anls after" in lines[0]
+    assert {line.split()[1] for line in lines[2:]} == {"0.0001", "0.001", "0.01"}
+    assert runs_table([str(tmp_path), "--csv"]) == 0
+    assert capsys.readouterr().out.splitlines()[0].startswith("run,learning_rate,anls before,anls after,final loss")
+
+
+def test_the_custom_script_trains_on_both_formats(tiny_dir, tmp_path):
+    """Multi-turn, multi-image and text-only samples, in the cookbook's jsonl and as LLaVA JSON: the same
+    samples give the same training."""
+    write_custom(tmp_path / "data", num_train=10, num_eval=5)
+    losses = {}
+    for extension in ("jsonl", "json"):
+        output_dir = tmp_path / extension
+        flags = ["--model_name_or_path", str(tiny_dir), "--output_dir", str(output_dir), "--metric", "anls"]
+        flags += ["--train_file", str(tmp_path / "data" / f"train.{extension}"), "--eval_file"]
+        flags += [str(tmp_path / "data" / f"eval.{extension}"), "--use_lora", "--lora_rank", "4", "--num_crops", "1"]
+        flags += ["--batch_size", "2", "--max_steps", "5", "--logging_steps", "1", "--max_new_tokens", "3", "--no-tqdm"]
+        launch("finetune_hf_trainer_custom.py", flags)
+        evaluation = json.loads((output_dir / "eval_after.json").read_text())
+        assert evaluation["num_samples"] == 5 and "anls" in evaluation
+        losses[extension] = [step["loss"] for step in json.loads((output_dir / "metrics.json").read_text())["steps"]]
+    assert losses["jsonl"] == losses["json"] and len(losses["json"]) == 5
+
+
+def test_the_same_seed_gives_the_same_run(tiny_dir, docvqa, tmp_path):
+    """The demo's path (full finetuning on DeepSpeed ZeRO-2, dataloader workers) twice: the same answers."""
+    for name in ("first", "second"):
+        launch(DOCVQA, run_flags(tiny_dir, docvqa, tmp_path / name, "--seed", "3", "--dataloader_num_workers", "2"))
+    first, second = (json.loads((tmp_path / n / "eval_after.json").read_text()) for n in ("first", "second"))
+    assert first == second
+    steps = [json.loads((tmp_path / n / "metrics.json").read_text())["steps"] for n in ("first", "second")]
+    assert steps[0] == steps[1]
