@@ -18,11 +18,13 @@ import logging
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .images import ImageRef, load_image
+from .preemption import start_dataloader_worker
 
 if TYPE_CHECKING:
     from .sources import RowSource
@@ -150,3 +152,22 @@ class EvaluationSamples(torch.utils.data.Dataset):
     def references(self, index: int) -> list[str]:
         """The reference answers of sample ``index``, without encoding it."""
         return self.conversation(self.source.rows[self.rows[index]]).references()
+
+
+def evaluation_loader(
+    dataset: torch.utils.data.Dataset,
+    indices: list[int],
+    batch_size: int,
+    collate_fn: Callable,
+    num_workers: int = 0,
+) -> torch.utils.data.DataLoader:
+    """``dataset[i]`` for i in ``indices``, in order, batched for evaluation, with the original's workers
+    (prefetch 2) that leave stop signals to the main process."""
+    return torch.utils.data.DataLoader(
+        torch.utils.data.Subset(dataset, indices),
+        batch_size=batch_size,
+        collate_fn=collate_fn,
+        num_workers=num_workers,
+        prefetch_factor=2 if num_workers else None,
+        worker_init_fn=partial(start_dataloader_worker, None),
+    )

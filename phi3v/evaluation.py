@@ -10,19 +10,17 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Sequence
-from functools import partial
 from pathlib import Path
 
 import Levenshtein
 import torch
 from accelerate import PartialState
-from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from .collators import EvalCollator
+from .data import evaluation_loader
 from .distributed import gathered
 from .likelihood import label_log_likelihoods
-from .preemption import start_dataloader_worker
 
 logger = logging.getLogger(__name__)
 
@@ -126,13 +124,8 @@ def generate_answers(
     num_workers: int = 0,
 ) -> list[dict]:
     """Greedy answers for ``dataset[i]`` for i in ``indices``: [{index, answers, generated_text}]."""
-    loader = DataLoader(
-        Subset(dataset, indices),
-        batch_size=batch_size,
-        collate_fn=EvalCollator(processor.tokenizer.pad_token_id),
-        num_workers=num_workers,
-        prefetch_factor=2 if num_workers else None,
-        worker_init_fn=partial(start_dataloader_worker, None),
+    loader = evaluation_loader(
+        dataset, indices, batch_size, EvalCollator(processor.tokenizer.pad_token_id), num_workers
     )
     device = next(model.parameters()).device
     results = []

@@ -9,14 +9,11 @@ the sample's prompt: the sum of its tokens' log-probabilities. The best label is
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import partial
 
 import torch
-from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from .data import ANSWER_SUFFIX
-from .preemption import start_dataloader_worker
+from .data import ANSWER_SUFFIX, evaluation_loader
 from .processing import pad_sequences
 
 
@@ -40,14 +37,7 @@ def label_log_likelihoods(
     logits of the answer positions are computed."""
     answers = [processor.tokenizer(label + ANSWER_SUFFIX, add_special_tokens=False).input_ids for label in labels]
     keep = max(len(ids) for ids in answers) + 1  # the logits that predict the longest answer
-    loader = DataLoader(
-        Subset(dataset, indices),
-        batch_size=max(1, batch_size),
-        collate_fn=_as_list,
-        num_workers=num_workers,
-        prefetch_factor=2 if num_workers else None,
-        worker_init_fn=partial(start_dataloader_worker, None),
-    )
+    loader = evaluation_loader(dataset, indices, max(1, batch_size), _as_list, num_workers)
     device = next(model.parameters()).device
     results = []
     for examples in tqdm(loader, desc="scoring labels", disable=not show_progress):
