@@ -74,6 +74,15 @@ class RecipeArguments:
     max_length: int | None = flag(
         None, "(new) longest training sample in tokens; longer ones stop the run (image tokens are never cut)"
     )
+    gradient_checkpointing: str = flag(
+        "true",
+        "(new flag, original value) recompute activations in the backward pass: every layer (true), the decoder "
+        "layers only (decoder: CLIP keeps its activations, faster, more memory) or none (false: fastest, most memory)",
+        choices=["true", "decoder", "false"],
+    )
+    group_by_length: bool = flag(
+        False, "(new) micro-batches of samples of similar length (less padding when --batch_size_per_gpu > 1)"
+    )
     skip_bad_samples: bool = flag(
         False, "(new) drop bad or too long samples (counted, listed in skipped_samples.jsonl) instead of stopping"
     )

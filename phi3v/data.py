@@ -116,11 +116,21 @@ def sample_rng(seed: int, epoch: int, row: int) -> random.Random:
 
 class TrainingSamples(torch.utils.data.Dataset):
     """The kept rows of a source as training examples. ``conversation(row)`` gives what a row becomes, or a
-    list of conversations of which one is drawn (with ``sample_rng``) each time the row is seen."""
+    list of conversations of which one is drawn (with ``sample_rng``) each time the row is seen. ``lengths``
+    (tokens per row, from data validation) drive --group_by_length."""
 
-    def __init__(self, source: RowSource, rows: Sequence[int], conversation: Callable, processor, seed: int):
+    def __init__(
+        self,
+        source: RowSource,
+        rows: Sequence[int],
+        conversation: Callable,
+        processor,
+        seed: int,
+        lengths: Sequence[int] | None = None,
+    ):
         self.source, self.rows, self.conversation = source, list(rows), conversation
         self.processor, self.seed, self.epoch = processor, seed, 0
+        self.lengths = list(lengths) if lengths is not None else None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

@@ -187,7 +187,9 @@ def _checked_datasets(task: Task, args: RecipeArguments, processor, state):
     checked = validate_recipe_data(task, args, processor, train, held_out)
     if state.is_main_process:
         write_skipped(checked, args.output_dir)
-    train_set = TrainingSamples(train, checked.train_rows, task.train_conversation, processor, args.seed)
+    train_set = TrainingSamples(
+        train, checked.train_rows, task.train_conversation, processor, args.seed, checked.train_lengths
+    )
     eval_set = EvaluationSamples(held_out, checked.eval_rows, task.eval_conversation, processor)
     logger.info("%d training samples, %d evaluation samples", len(train_set), len(eval_set))
     return train_set, eval_set, checked.train_images_per_sample

@@ -33,6 +33,7 @@ from .guards import GradientWatch, LossGuard, trainable_parameter_table
 from .modeling import Phi3VForCausalLM
 from .preemption import PreemptionCallback, StopRequest, start_dataloader_worker
 from .report import MetricsCallback
+from .sampling import LengthGroupedSampler, batched, padding_share
 from .sources import require_local_or_reachable
 
 logger = logging.getLogger(__name__)
@@ -166,14 +167,35 @@ def apply_lora(model: Phi3VForCausalLM, args: RecipeArguments) -> PeftModel:
     return get_peft_model(model, config)
 
 
+def enable_activation_checkpointing(model: Phi3VForCausalLM | PeftModel, which: str) -> None:
+    """--gradient_checkpointing: recompute the activations of every decoder and CLIP layer in the backward pass
+    ("true", the original), of the decoder layers only ("decoder"), or of none ("false")."""
+    if which == "false":
+        return
+    # non-reentrant: LoRA's frozen inputs would otherwise cut the gradient
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if which == "decoder":
+        base = model.get_base_model() if isinstance(model, PeftModel) else model
+        for layer in base.model.vision_embed_tokens.img_processor.vision_model.encoder.layers:
+            layer.gradient_checkpointing = False
+
+
 def prepare_for_training(model: Phi3VForCausalLM, args: RecipeArguments) -> Phi3VForCausalLM | PeftModel:
     freeze_unused_vision_parameters(model)
     if args.freeze_vision_model:
         freeze_vision_tower(model)
     if args.use_lora:
         model = apply_lora(model, args)
+    enable_activation_checkpointing(model, args.gradient_checkpointing)
     logger.info("Trainable parameters:\n%s", trainable_parameter_table(model))
     return model
+
+
+def training_dtype(args: RecipeArguments) -> torch.dtype:
+    """The dtype the matrix products run in: bf16 or fp16 mixed precision on a GPU, fp32 on a CPU."""
+    if not torch.cuda.is_available():
+        return torch.float32
+    return torch.bfloat16 if args.bf16 else torch.float16
 
 
 def build_training_args(args: RecipeArguments, accumulation_steps: int) -> TrainingArguments:
@@ -186,9 +208,8 @@ def build_training_args(args: RecipeArguments, accumulation_steps: int) -> Train
         max_steps=args.max_steps,
         per_device_train_batch_size=args.batch_size_per_gpu,
         gradient_accumulation_steps=accumulation_steps,
-        activation_checkpointing=True,  # gradient checkpointing, renamed in transformers 5
-        activation_checkpointing_kwargs={"use_reentrant": False},  # needed for LoRA (frozen inputs)
-        optim="adamw_torch",
+        activation_checkpointing=False,  # enabled by prepare_for_training, as --gradient_checkpointing says
+        optim="adamw_torch_fused" if on_gpu else "adamw_torch",  # the same update, in fewer kernels
         adam_beta1=ADAM_BETAS[0],
         adam_beta2=ADAM_BETAS[1],
         adam_epsilon=ADAM_EPSILON,
@@ -220,12 +241,28 @@ def build_training_args(args: RecipeArguments, accumulation_steps: int) -> Train
 
 
 class RecipeTrainer(Trainer):
-    """The HF Trainer, with every micro-batch's loss shown to a LossGuard (with the rows it came from) and
-    dataloader workers that leave stop signals to the main process."""
+    """The HF Trainer, with every micro-batch's loss shown to a LossGuard (with the rows it came from),
+    dataloader workers that leave stop signals to the main process, and --group_by_length's order."""
 
-    def __init__(self, *args, loss_guard: LossGuard, **kwargs):
+    def __init__(self, *args, loss_guard: LossGuard, group_by_length: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.loss_guard = loss_guard
+        self.group_by_length = group_by_length
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        size = self.args.per_device_train_batch_size
+        if not (self.group_by_length and size > 1):
+            return super()._get_train_sampler(train_dataset)
+        sampler = LengthGroupedSampler(dataset.lengths, size, self.args.seed)
+        logger.info(
+            "--group_by_length: micro-batches of %d samples of similar length, %.1f%% padding tokens (%.1f%% in "
+            "dataset order)",
+            size,
+            100 * padding_share(batched(dataset.lengths, list(sampler), size)),
+            100 * padding_share(batched(dataset.lengths, list(range(len(dataset))), size)),
+        )
+        return sampler
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         rows = inputs.pop("rows", [])
@@ -280,9 +317,10 @@ def train_and_save(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
-        data_collator=TrainCollator(processor.tokenizer.pad_token_id),
+        data_collator=TrainCollator(processor.tokenizer.pad_token_id, pixel_dtype=training_dtype(args)),
         callbacks=callbacks,
         loss_guard=loss_guard,
+        group_by_length=args.group_by_length,
     )
     trainer.train(resume_from_checkpoint=resume_from)
     if stop_request.stopped_at_step is not None:

@@ -72,6 +72,7 @@ class CheckedData:
     eval_rows: list[int]
     skipped: list[dict[str, Any]]
     train_images_per_sample: float = 0.0
+    train_lengths: list[int] = field(default_factory=list)  # tokens of each kept training row, in train_rows order
 
 
 # --- one row ---------------------------------------------------------------------------------------------------
@@ -339,6 +340,7 @@ def validate_recipe_data(task: Task, args: RecipeArguments, processor, train: Ro
     )
     kept = [c for c in train_checks if not c.problems]
     checked.train_images_per_sample = sum(c.images for c in kept) / max(len(kept), 1)
+    checked.train_lengths = [c.tokens for c in kept]
     if not checked.train_rows or sum(c.supervised for c in train_checks if not c.problems) == 0:
         raise RecipeError(f"No training sample with a supervised token is left in {train.origin}: nothing to learn.")
     if not checked.eval_rows:

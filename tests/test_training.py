@@ -1,9 +1,15 @@
-"""Training setup: LoRA targets, freezing, and the original's TrainingArguments."""
+"""Training setup: LoRA targets, freezing, the original's TrainingArguments, and the speed switches (activation
+checkpointing, pixels in the training dtype, the fused AdamW) giving the same loss and gradients."""
 
 import pytest
+import torch
+from PIL import Image
+from transformers import Trainer, TrainingArguments
 
 from phi3v import Phi3VForCausalLM
 from phi3v.args import RecipeArguments, parse_args
+from phi3v.collators import TrainCollator
+from phi3v.data import Conversation, Turn, encode_conversation
 from phi3v.training import build_training_args, lora_target_modules, prepare_for_training, setup_distributed
 
 VISION = "model.vision_embed_tokens."
@@ -70,4 +76,93 @@ def test_training_arguments_keep_the_original_values(tmp_path):
     assert training.lr_scheduler_type == "linear" and training.optim == "adamw_torch"
     assert training.save_strategy == "no" and training.remove_unused_columns is False
     assert training.ddp_find_unused_parameters is False
-    assert training.activation_checkpointing and training.activation_checkpointing_kwargs == {"use_reentrant": False}
+    # checkpointing is switched on by prepare_for_training, as --gradient_checkpointing says (default: every layer)
+    assert training.activation_checkpointing is False
+    assert parse_args(RecipeArguments, []).gradient_checkpointing == "true"
+
+
+def training_batch(processor, pixel_dtype=torch.float32) -> dict[str, torch.Tensor]:
+    """Two samples, one with a two-crop image and one with a one-crop image, padded as in training."""
+    samples = [
+        Conversation([Turn("What is written here?", "a receipt", [Image.new("RGB", (120, 50), (200, 30, 30))])]),
+        Conversation([Turn("Colour?", "green", [Image.new("RGB", (40, 40), (20, 220, 40))])]),
+    ]
+    examples = [encode_conversation(processor, sample, for_training=True) for sample in samples]
+    return TrainCollator(processor.tokenizer.pad_token_id, pixel_dtype)(examples)
+
+
+def loss_and_gradients(tiny_dir, processor, flags: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    torch.manual_seed(0)
+    model = prepare_for_training(Phi3VForCausalLM.from_pretrained(tiny_dir), parse_args(RecipeArguments, flags))
+    loss = model.train()(**training_batch(processor)).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+def checkpointed_layers(model) -> dict[str, bool]:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = {
+        "decoder": base.model.layers,
+        "clip": base.model.vision_embed_tokens.img_processor.vision_model.encoder.layers,
+    }
+    return {part: all(layer.gradient_checkpointing for layer in group) for part, group in layers.items()} | {
+        f"any {part}": any(layer.gradient_checkpointing for layer in group) for part, group in layers.items()
+    }
+
+
+@pytest.mark.parametrize("which, expected", [
+    ("true", {"decoder": True, "clip": True}),
+    ("decoder", {"decoder": True, "clip": False, "any clip": False}),
+    ("false", {"any decoder": False, "any clip": False}),
+])  # fmt: skip
+def test_gradient_checkpointing_choices_recompute_what_they_say(tiny_dir, which, expected):
+    model = prepare_for_training(
+        Phi3VForCausalLM.from_pretrained(tiny_dir), parse_args(RecipeArguments, ["--gradient_checkpointing", which])
+    )
+    found = checkpointed_layers(model)
+    assert {key: found[key] for key in expected} == expected
+
+
+@pytest.mark.parametrize("mode", [[], ["--use_lora", "--lora_rank", "4"]], ids=["full", "lora"])
+def test_gradient_checkpointing_choices_give_the_same_loss_and_gradients(tiny_dir, tiny_processor, mode):
+    reference_loss, reference = loss_and_gradients(
+        tiny_dir, tiny_processor, [*mode, "--gradient_checkpointing", "false"]
+    )
+    assert all(grad is not None for grad in reference.values())
+    for which in ("true", "decoder"):
+        loss, gradients = loss_and_gradients(tiny_dir, tiny_processor, [*mode, "--gradient_checkpointing", which])
+        torch.testing.assert_close(loss, reference_loss, rtol=0, atol=0)
+        for name, grad in gradients.items():
+            torch.testing.assert_close(grad, reference[name], rtol=1e-5, atol=1e-7, msg=f"{which}: {name}")
+
+
+def test_pixels_in_the_training_dtype_give_the_same_loss(tiny_dir, tiny_processor):
+    model = Phi3VForCausalLM.from_pretrained(tiny_dir, dtype=torch.bfloat16)
+    batch_fp32 = training_batch(tiny_processor)
+    batch_bf16 = training_batch(tiny_processor, pixel_dtype=torch.bfloat16)
+    assert batch_bf16["pixel_values"].dtype == torch.bfloat16 and batch_fp32["pixel_values"].dtype == torch.float32
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch_bf16).loss, model(**batch_fp32).loss, rtol=0, atol=0)
+
+
+def test_the_fused_adamw_makes_the_same_update_as_the_original(tiny_dir, tiny_processor, tmp_path):
+    """adamw_torch_fused (used on a GPU) against the original's adamw_torch, same settings, three steps."""
+    updated = {}
+    for optim in ("adamw_torch", "adamw_torch_fused"):
+        torch.manual_seed(0)
+        model = Phi3VForCausalLM.from_pretrained(tiny_dir).train()
+        arguments = TrainingArguments(
+            tmp_path, optim=optim, learning_rate=1e-3, adam_beta2=0.95, weight_decay=0.01, use_cpu=True
+        )
+        optimizer_class, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(arguments, model)
+        optimizer = optimizer_class(model.parameters(), **optimizer_kwargs)
+        for _ in range(3):
+            model(**training_batch(tiny_processor)).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        updated[optim] = {name: p.detach().clone() for name, p in model.named_parameters()}
+    assert optimizer_kwargs.get("fused") is True
+    for name, weight in updated["adamw_torch"].items():
+        if name.endswith("k_proj.bias"):  # its true gradient is 0 (softmax ignores a key bias): Adam scales round-off
+            continue
+        torch.testing.assert_close(updated["adamw_torch_fused"][name], weight, rtol=1e-5, atol=1e-6, msg=name)

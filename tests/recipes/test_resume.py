@@ -36,6 +36,20 @@ MODES = {  # flags, ranks
     "frozen_vision_zero2": (["--freeze_vision_model"], 2),
     "qlora": (["--use_qlora", "--lora_rank", "8"], 1),
     "full_zero3": (["--deepspeed", "ds_configs/zero3.json"], 2),
+    # micro-batches of 2 grouped by length (the order must be rebuilt on resume), CLIP not checkpointed
+    "lora_grouped": (
+        [
+            "--use_lora",
+            "--lora_rank",
+            "8",
+            "--batch_size_per_gpu",
+            "2",
+            "--group_by_length",
+            "--gradient_checkpointing",
+            "decoder",
+        ],
+        2,
+    ),
 }
 
 
@@ -142,6 +156,8 @@ def test_sigkill_then_resume_latest_equals_the_uninterrupted_run(mode, tiny_dir,
 
     result = launch(SCRIPT, flags + ["--resume_from_checkpoint", "latest"], ranks=MODES[mode][1])
     assert "Resuming from" in result.stderr and "not redone" in result.stderr  # the evaluation before training
+    if "--group_by_length" in flags:
+        assert "--group_by_length: micro-batches of 2 samples of similar length" in result.stderr
     assert_same_run(output_dir, uninterrupted(mode))
 
 

@@ -1,0 +1,61 @@
+"""Length-grouped training order (--group_by_length): micro-batches of samples of similar length.
+
+At num_crops 16 a DocVQA sample is 1,000 to 2,600 tokens depending on the page's shape, so a random
+micro-batch of 4 is mostly padding after its shortest samples. Grouping shuffles the samples, cuts the
+order into mega-batches of ``MEGABATCH_FACTOR`` micro-batches, sorts each by length and splits it into
+micro-batches (as the HF Trainer's ``LengthGroupedSampler``), with the micro-batch that holds the longest
+sample first, so a run that does not fit in memory fails at its first step. The order depends only on
+(seed, epoch), so a resumed run, or one with a different number of dataloader workers, sees the same batches.
+
+Lengths are the token counts that data validation computed from each sample's image sizes, so grouping
+costs no extra decoding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+
+MEGABATCH_FACTOR = 50
+
+
+def length_grouped_order(lengths: Sequence[int], batch_size: int, seed: int, epoch: int = 0) -> list[int]:
+    """A permutation of range(len(lengths)) whose consecutive runs of ``batch_size`` have similar lengths."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    megabatch = MEGABATCH_FACTOR * batch_size
+    batches = []
+    for start in range(0, len(order), megabatch):
+        chunk = sorted(order[start : start + megabatch], key=lambda i: -lengths[i])
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    longest = max(range(len(batches)), key=lambda b: max(lengths[i] for i in batches[b]))
+    batches[0], batches[longest] = batches[longest], batches[0]
+    return [index for batch in batches for index in batch]
+
+
+class LengthGroupedSampler(torch.utils.data.Sampler[int]):
+    """``length_grouped_order`` as a sampler; the Trainer (through accelerate) calls ``set_epoch``."""
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int):
+        self.lengths, self.batch_size, self.seed, self.epoch = list(lengths), batch_size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(length_grouped_order(self.lengths, self.batch_size, self.seed, self.epoch))
+
+
+def batched(lengths: Sequence[int], order: Sequence[int], batch_size: int) -> list[list[int]]:
+    """The lengths of the micro-batches that ``order`` makes."""
+    return [[lengths[i] for i in order[start : start + batch_size]] for start in range(0, len(order), batch_size)]
+
+
+def padding_share(batches: Sequence[Sequence[int]]) -> float:
+    """Pad tokens over all tokens when each batch (a list of lengths) is padded to its longest."""
+    padded = sum(len(batch) * max(batch) for batch in batches)
+    return 1 - sum(sum(batch) for batch in batches) / padded
