@@ -23,9 +23,10 @@ bf16 peak (--peak_tflops to override).
 
 --compare runs, in one process and on the same samples, the original recipe's behaviour (the reference
 path, emulated here: eager attention, every crop slot including the zero padding through all CLIP layers
-with every hidden state kept, micro-batch 1 with gradient accumulation) and the project's path (SDPA or
-flash attention, real crops only, CLIP stopped at layer -2, --batch_size_per_gpu micro-batches grouped by
-length), checks that their losses agree, prints each optimisation alone, and ends with `speedup: X.XX`.
+with every hidden state kept, logits at every position, micro-batch 1 with gradient accumulation) and the
+project's path (SDPA or flash attention, real crops only, CLIP stopped at layer -2, the LM head only where
+a label is predicted, --batch_size_per_gpu micro-batches grouped by length), checks that their losses
+agree, prints each optimisation alone, and ends with `speedup: X.XX`.
 """
 
 from __future__ import annotations
@@ -191,7 +192,9 @@ def model_config(size: str, vocab_size: int, pad_token_id: int) -> Phi3VConfig:
     config = tiny_config(vocab_size, pad_token_id, crop_size=336, patch_size=14)
     for name, value in TINY_WIDTHS.items():
         setattr(config, name, value)
-    config.num_attention_heads = config.num_key_value_heads = config.hidden_size // 16  # head width 16, as tiny's
+    # heads of 64 as the full model's (4 of them), plain RoPE (tiny's LongRoPE factors are for heads of 16)
+    config.num_attention_heads = config.num_key_value_heads = config.hidden_size // 64
+    config.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0}
     config.img_processor["clip_config"].update(TINY_CLIP)
     config.img_processor["image_dim_out"] = TINY_CLIP["hidden_size"]
     return config
@@ -208,10 +211,11 @@ class Setup:
     micro_batch: int = 4  # 1 in the reference, with gradient accumulation
     group_by_length: bool = True
     fused_adamw: bool = True  # on CUDA
+    supervised_logits_only: bool = True  # the LM head only where a label is predicted (the model's training forward)
 
 
 def reference_setup(name: str = "reference (the original)") -> Setup:
-    return Setup(name, "eager", False, False, 1, False, False)
+    return Setup(name, "eager", False, False, 1, False, False, False)
 
 
 def build_model(config: Phi3VConfig, mode: str, setup: Setup, args, folder: Path) -> torch.nn.Module:
@@ -314,6 +318,15 @@ def step_batches(examples: list[dict], lengths: list[int], setup: Setup, collato
     ]
 
 
+def training_loss(model: torch.nn.Module, batch: dict, num_items_in_batch: int, setup: Setup) -> torch.Tensor:
+    """The micro-batch's share of the step's loss (token sum over the step's supervised tokens)."""
+    if setup.supervised_logits_only:
+        return model(**batch, num_items_in_batch=num_items_in_batch, use_cache=False).loss
+    labels = batch.pop("labels")  # as the original: logits at every position, then the loss
+    logits = model(**batch, use_cache=False).logits
+    return model.loss_function(logits, labels, logits.shape[-1], num_items_in_batch=num_items_in_batch)
+
+
 def reset_peak_memory(device: str) -> None:
     gc.collect()
     if device.startswith("cuda"):
@@ -356,7 +369,7 @@ def run_setup(setup: Setup, mode: str, config: Phi3VConfig, workload: Workload, 
         for batch in batches:
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
             with torch.autocast(device.split(":")[0], dtype=autocast_dtype, enabled=use_autocast):
-                loss = model(**batch, num_items_in_batch=supervised, use_cache=False).loss
+                loss = training_loss(model, batch, supervised, setup)
             loss.backward()
             step_loss += loss.detach()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -484,9 +497,10 @@ def describe(config: Phi3VConfig, workload: Workload, processor, args, size: str
         print(f"Compute split, {mode}: " + ", ".join(shares))
     flops = statistics.mean(sum(example_flops(config, e, "full").values()) for e in workload.train)
     print(f"Model FLOPs per training sample (full finetuning, {size}): {flops:.3g}")
-    random_pad, grouped_pad = grouped_padding(processor, args.batch_size_per_gpu)
+    micro_batch = max(args.batch_size_per_gpu, 4)
+    random_pad, grouped_pad = grouped_padding(processor, micro_batch)
     print(
-        f"Pad tokens at micro-batch {args.batch_size_per_gpu} over 2,000 samples of this mix: "
+        f"Pad tokens at micro-batch {micro_batch} over 2,000 samples of this mix: "
         f"{random_pad:.1%} in random order, {grouped_pad:.1%} with --group_by_length"
     )
 
@@ -499,13 +513,11 @@ def compare(config: Phi3VConfig, workload: Workload, args, folder: Path) -> None
         replace(reference, name="+ SDPA attention", attention="sdpa"),
         replace(reference, name="+ real crops only", skip_padding=True),
         replace(reference, name="+ CLIP stops at layer -2", stop_at_feature_layer=True),
-        replace(
-            reference,
-            name=f"+ micro-batch {args.batch_size_per_gpu}, grouped",
-            micro_batch=args.batch_size_per_gpu,
-            group_by_length=True,
-        ),
+        replace(reference, name="+ LM head at labels only", supervised_logits_only=True),
     ]
+    if args.batch_size_per_gpu > 1:
+        name = f"+ micro-batch {args.batch_size_per_gpu}, grouped"
+        ablations.append(replace(reference, name=name, micro_batch=args.batch_size_per_gpu, group_by_length=True))
     results = [run_setup(s, mode, config, workload, args, folder) for s in (reference, *ablations, optimised)]
     print_table(results, args)
     tolerance = 1e-3 if not args.device.startswith("cuda") else 3e-2
@@ -526,8 +538,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval", action="store_true", help="also time generation: batch 1 against batched")
     parser.add_argument("--profile", action="store_true", help="print the top operators of one optimised step")
     parser.add_argument("--precision_check", action="store_true", help="bf16 loss against fp32 on a short sample")
-    parser.add_argument("--batch_size", type=int, default=8, help="samples per optimizer step")
-    parser.add_argument("--batch_size_per_gpu", type=int, default=4, help="micro-batch of the optimised path")
+    parser.add_argument("--batch_size", type=int, default=4, help="samples per optimizer step")
+    parser.add_argument(
+        "--batch_size_per_gpu", type=int, default=1, help="micro-batch of the optimised path (the recipes' default: 1)"
+    )
     parser.add_argument("--steps", type=int, default=2, help="timed optimizer steps")
     parser.add_argument("--warmup_steps", type=int, default=1, help="untimed optimizer steps first")
     parser.add_argument("--num_crops", type=int, default=16)

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .images import ImageRef, load_image
+from .modeling import IGNORE_INDEX
 from .preemption import start_dataloader_worker
 
 if TYPE_CHECKING:
@@ -32,7 +33,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 ANSWER_SUFFIX = "<|end|>\n<|endoftext|>"
-IGNORE_INDEX = -100
 
 
 @dataclass

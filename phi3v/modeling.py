@@ -29,6 +29,8 @@ from .configuration import Phi3VConfig
 
 logger = logging.getLogger(__name__)
 
+IGNORE_INDEX = -100  # labels that take no loss
+
 
 class Phi3VVisionTower(nn.Module):
     """CLIP vision model that runs only up to the feature layer (-2) and drops the CLS token.
@@ -237,7 +239,17 @@ class Phi3VForCausalLM(Phi3ForCausalLM, Phi3VPreTrainedModel):
         **kwargs,
     ):
         """input_ids [B, L] with -k placeholders for image k; pixel_values [n_images, crops+1, 3, S, S];
-        image_sizes [n_images, 2]; labels [B, L] with -100 where no loss is taken."""
+        image_sizes [n_images, 2]; labels [B, L] with -100 where no loss is taken.
+
+        In training mode with labels, the LM head runs only at the positions that predict a label: the loss
+        and its gradients are the same, and the [B, L, 32064] logits (fp32 for the loss, ~0.3 GB a sample at
+        num_crops 16, where nearly every position is an image token) are never made. ``logits`` then holds
+        those positions only, flattened to [supervised tokens, vocab]."""
+        if self.training and labels is not None and "shift_labels" not in kwargs and not kwargs.get("logits_to_keep"):
+            # position t predicts labels[t + 1]; the last position predicts nothing
+            shift_labels = nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
+            supervised = shift_labels != IGNORE_INDEX
+            kwargs.update(logits_to_keep=supervised, shift_labels=shift_labels[supervised])
         return super().forward(
             input_ids=input_ids,
             pixel_values=pixel_values,

@@ -28,8 +28,9 @@ def test_compare_gives_equal_losses_on_both_paths_and_a_speedup():
         "--num_crops", "3", "--batch_size", "4", "--batch_size_per_gpu", "2", "--steps", "2", "--warmup_steps", "0",
     ])  # fmt: skip
     agreements = [line for line in output.splitlines() if line.startswith("losses of")]
-    assert len(agreements) == 5 and all(": agree with the reference" in line for line in agreements), output
-    for setup in ("reference (the original)", "+ SDPA attention", "+ real crops only", "+ CLIP stops at layer -2"):
+    assert len(agreements) == 6 and all(": agree with the reference" in line for line in agreements), output
+    setups = ["reference (the original)", "+ SDPA attention", "+ real crops only", "+ CLIP stops at layer -2"]
+    for setup in [*setups, "+ LM head at labels only", "+ micro-batch 2, grouped"]:
         assert f"full           {setup}" in output
     speedup = float(output.strip().splitlines()[-1].removeprefix("speedup: "))
     assert speedup > 0

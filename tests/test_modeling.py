@@ -378,3 +378,40 @@ def test_remote_code_is_never_run_by_default(tiny_dir, tmp_path):
         (folder / name).write_text("raise RuntimeError('checkpoint-supplied code was executed')\n")
     model = AutoModelForCausalLM.from_pretrained(folder)
     assert type(model) is Phi3VForCausalLM
+
+
+@pytest.mark.parametrize("num_items_in_batch", [None, 40])
+def test_training_loss_from_supervised_positions_only_equals_the_full_logits_loss(
+    tiny_dir, tiny_processor, num_items_in_batch
+):
+    """In training mode the LM head runs only where a label is predicted; loss and every gradient must equal
+    the loss over the full [B, L, vocab] logits, as the original computed it."""
+    from phi3v.collators import TrainCollator
+    from phi3v.data import Conversation, Turn, encode_conversation
+
+    samples = [
+        Conversation([Turn("What is shown?", "a red square", [image(90, 50)])]),
+        Conversation([Turn("Colour?", "green", [image(40, 40, seed=1)]), Turn("And now?", "blue")]),
+    ]
+    examples = [encode_conversation(tiny_processor, sample, for_training=True) for sample in samples]
+    batch = TrainCollator(tiny_processor.tokenizer.pad_token_id)(examples)
+    labels = batch.pop("labels")
+    results = []
+    for sliced in (False, True):
+        torch.manual_seed(0)
+        model = Phi3VForCausalLM.from_pretrained(tiny_dir).train()
+        if sliced:
+            outputs = model(**batch, labels=labels, num_items_in_batch=num_items_in_batch)
+            assert outputs.logits.shape == ((labels[:, 1:] != -100).sum(), model.config.vocab_size)
+            loss = outputs.loss
+        else:
+            logits = model(**batch).logits
+            assert logits.shape[:2] == labels.shape
+            loss = model.loss_function(logits, labels, model.config.vocab_size, num_items_in_batch=num_items_in_batch)
+        loss.backward()
+        results.append((loss.detach(), {name: p.grad for name, p in model.named_parameters() if p.grad is not None}))
+    (full_loss, full_grads), (loss, grads) = results
+    torch.testing.assert_close(loss, full_loss, rtol=1e-6, atol=1e-6)
+    assert grads.keys() == full_grads.keys() and len(grads) > 50
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, full_grads[name], rtol=1e-5, atol=1e-7, msg=name)
