@@ -194,7 +194,7 @@ def model_config(size: str, vocab_size: int, pad_token_id: int) -> Phi3VConfig:
         setattr(config, name, value)
     # heads of 64 as the full model's (4 of them), plain RoPE (tiny's LongRoPE factors are for heads of 16)
     config.num_attention_heads = config.num_key_value_heads = config.hidden_size // 64
-    config.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0}
+    config.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 1.0}
     config.img_processor["clip_config"].update(TINY_CLIP)
     config.img_processor["image_dim_out"] = TINY_CLIP["hidden_size"]
     return config
@@ -229,6 +229,8 @@ def build_model(config: Phi3VConfig, mode: str, setup: Setup, args, folder: Path
         bf16=args.bf16,
         deepspeed="none",
         gradient_checkpointing=args.gradient_checkpointing,
+        # rank 64 on the full model's 3,072-wide layers; the same share of the tiny model's width
+        lora_rank=args.lora_rank or round(64 * config.hidden_size / 3072),
     )
     attention = "flash_attention_2" if args.use_flash_attention and setup.attention != "eager" else setup.attention
     if mode == "qlora":  # 4-bit layers are made by from_pretrained, so the weights go through a file
@@ -465,14 +467,17 @@ def peak_tflops(args) -> float | None:
 
 def print_table(results: list[Result], args) -> None:
     peak = peak_tflops(args)
-    print(f"\n{'mode':<14} {'setup':<34} {'images/s':>9} {'tokens/s':>10} {'pad':>6} {'peak mem':>10} {'MFU':>6}")
+    print(
+        f"\n{'mode':<14} {'setup':<34} {'images/s':>9} {'tokens/s':>10} {'pad':>6} {'peak mem':>10} "
+        f"{'FLOP/image':>10} {'MFU':>6}"
+    )
     for r in results:
         mfu = f"{r.flops / r.seconds / (peak * 1e12):6.1%}" if peak else "     -"
         memory = f"{r.peak_memory_gib:.2f} GiB"
         pad = 1 - r.tokens / r.padded_tokens
         print(
             f"{r.mode:<14} {r.setup:<34} {r.images_per_s:9.3f} {r.tokens / r.seconds:10.0f} {pad:6.1%} "
-            f"{memory:>10} {mfu}"
+            f"{memory:>10} {r.flops / r.samples:10.3g} {mfu}"
         )
     where = "GPU memory (max allocated)" if args.device.startswith("cuda") else "the process's peak RSS"
     print(f"peak mem: {where}; MFU against {peak or '-'} TFLOP/s dense bf16" + ("" if peak else " (no GPU)"))
@@ -548,6 +553,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPU), as the scripts' flag")
     parser.add_argument("--use_flash_attention", action="store_true", help="bf16 weights + flash attention")
     parser.add_argument("--gradient_checkpointing", choices=["true", "decoder", "false"], default="true")
+    parser.add_argument("--lora_rank", type=int, default=None, help="default: 64 at full size, 5 at tiny (same share)")
     parser.add_argument("--max_new_tokens", type=int, default=16, help="tokens per answer in --eval")
     parser.add_argument("--eval_samples", type=int, default=8)
     parser.add_argument("--peak_tflops", type=float, default=None, help="the card's dense bf16 peak")
