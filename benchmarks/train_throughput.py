@@ -208,14 +208,15 @@ class Setup:
     attention: str = "sdpa"  # eager in the reference
     skip_padding: bool = True  # run only the real crops through CLIP
     stop_at_feature_layer: bool = True  # stop CLIP at layer -2, keep no hidden states
-    micro_batch: int = 4  # 1 in the reference, with gradient accumulation
+    micro_batch: int = 1  # the recipes' default; 1 with gradient accumulation in the reference
     group_by_length: bool = True
     fused_adamw: bool = True  # on CUDA
+    pixels_in_training_dtype: bool = True  # on CUDA; the original handed over fp32
     supervised_logits_only: bool = True  # the LM head only where a label is predicted (the model's training forward)
 
 
 def reference_setup(name: str = "reference (the original)") -> Setup:
-    return Setup(name, "eager", False, False, 1, False, False, False)
+    return Setup(name, "eager", False, False, 1, False, False, False, False)
 
 
 def build_model(config: Phi3VConfig, mode: str, setup: Setup, args, folder: Path) -> torch.nn.Module:
@@ -358,7 +359,8 @@ def run_setup(setup: Setup, mode: str, config: Phi3VConfig, workload: Workload, 
     optimizer = torch.optim.AdamW(trainable, lr=1e-5, betas=(0.9, 0.95), eps=1e-7, weight_decay=0.01, fused=fused)
     autocast_dtype = torch.bfloat16 if args.bf16 else torch.float16
     use_autocast = device.startswith("cuda") and not args.use_flash_attention
-    pixel_dtype = autocast_dtype if device.startswith("cuda") else torch.float32
+    on_gpu = device.startswith("cuda")
+    pixel_dtype = autocast_dtype if on_gpu and setup.pixels_in_training_dtype else torch.float32
     collator = TrainCollator(args.pad_token_id, pixel_dtype=pixel_dtype)
     losses, seconds, samples, tokens, padded, flops = [], 0.0, 0, 0, 0, 0.0
     for step in range(args.warmup_steps + args.steps):
