@@ -180,4 +180,5 @@ def evaluation_loader(
         num_workers=num_workers,
         prefetch_factor=2 if num_workers else None,
         worker_init_fn=partial(start_dataloader_worker, None),
+        pin_memory=torch.cuda.is_available(),  # so the copies to the GPU can overlap
     )

@@ -130,7 +130,7 @@ def generate_answers(
     device = next(model.parameters()).device
     results = []
     for batch in tqdm(loader, desc="evaluating", disable=not show_progress):
-        inputs = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
         output = model.generate(
             **inputs,
             max_new_tokens=max_new_tokens,

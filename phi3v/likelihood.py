@@ -42,7 +42,7 @@ def label_log_likelihoods(
     results = []
     for examples in tqdm(loader, desc="scoring labels", disable=not show_progress):
         inputs = _label_batch(examples, answers, processor.tokenizer.pad_token_id)
-        inputs = {name: value.to(device) for name, value in inputs.items()}
+        inputs = {name: value.to(device, non_blocking=True) for name, value in inputs.items()}
         logits = model(**inputs, logits_to_keep=keep).logits  # [samples x labels, keep, vocab]
         log_probs = logits.float().log_softmax(-1)
         for row, example in enumerate(examples):
