@@ -245,7 +245,9 @@ class Phi3VForCausalLM(Phi3ForCausalLM, Phi3VPreTrainedModel):
         and its gradients are the same, and the [B, L, 32064] logits (fp32 for the loss, ~0.3 GB a sample at
         num_crops 16, where nearly every position is an image token) are never made. ``logits`` then holds
         those positions only, flattened to [supervised tokens, vocab]."""
-        if self.training and labels is not None and "shift_labels" not in kwargs and not kwargs.get("logits_to_keep"):
+        keep = kwargs.get("logits_to_keep", 0)
+        keeps_all = isinstance(keep, int) and keep == 0  # the caller did not choose positions itself
+        if self.training and labels is not None and keeps_all and "shift_labels" not in kwargs:
             # position t predicts labels[t + 1]; the last position predicts nothing
             shift_labels = nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
             supervised = shift_labels != IGNORE_INDEX

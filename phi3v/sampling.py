@@ -1,7 +1,8 @@
 """Length-grouped training order (--group_by_length): micro-batches of samples of similar length.
 
-At num_crops 16 a DocVQA sample is 1,000 to 2,600 tokens depending on the page's shape, so a random
-micro-batch of 4 is mostly padding after its shortest samples. Grouping shuffles the samples, cuts the
+At num_crops 16 a sample is 300 to 2,600 tokens depending on its image's shape, and a micro-batch is
+padded to its longest sample (3% of the tokens of a DocVQA-like mix at micro-batch 4, far more on data
+whose lengths vary more, such as multi-image or text-only samples). Grouping shuffles the samples, cuts the
 order into mega-batches of ``MEGABATCH_FACTOR`` micro-batches, sorts each by length and splits it into
 micro-batches (as the HF Trainer's ``LengthGroupedSampler``), with the micro-batch that holds the longest
 sample first, so a run that does not fit in memory fails at its first step. The order depends only on
