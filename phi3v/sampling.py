@@ -14,7 +14,7 @@ costs no extra decoding.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -24,31 +24,38 @@ MEGABATCH_FACTOR = 50
 def length_grouped_order(lengths: Sequence[int], batch_size: int, seed: int, epoch: int = 0) -> list[int]:
     """A permutation of range(len(lengths)) whose consecutive runs of ``batch_size`` have similar lengths."""
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    order = torch.randperm(len(lengths), generator=generator).tolist()
+    return group_by_length(torch.randperm(len(lengths), generator=generator).tolist(), lengths, batch_size)
+
+
+def group_by_length(order: Sequence[int], lengths: Sequence[int], batch_size: int) -> list[int]:
+    """``order`` regrouped: each mega-batch sorted by length, the micro-batch with the longest sample first."""
     megabatch = MEGABATCH_FACTOR * batch_size
     batches = []
     for start in range(0, len(order), megabatch):
         chunk = sorted(order[start : start + megabatch], key=lambda i: -lengths[i])
         batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
-    longest = max(range(len(batches)), key=lambda b: max(lengths[i] for i in batches[b]))
-    batches[0], batches[longest] = batches[longest], batches[0]
+    holder = max(range(len(batches)), key=lambda b: lengths[batches[b][0]])  # each batch starts with its longest
+    if len(batches[holder]) == len(batches[0]):
+        batches[0], batches[holder] = batches[holder], batches[0]
+    else:  # the short last batch: move only its longest sample, so every micro-batch keeps its size
+        batches[0][0], batches[holder][0] = batches[holder][0], batches[0][0]
     return [index for batch in batches for index in batch]
 
 
 class LengthGroupedSampler(torch.utils.data.Sampler[int]):
-    """``length_grouped_order`` as a sampler; the Trainer (through accelerate) calls ``set_epoch``."""
+    """``length_grouped_order`` as a sampler, for the epoch that ``epoch()`` gives when an epoch's iteration
+    starts. The recipes pass the training dataset's epoch, which a callback sets at every epoch's start (on
+    resume too): a resumed run on several processes wraps the sampler for skipping where accelerate's
+    ``set_epoch`` does not reach it, and would otherwise replay the first epoch's order."""
 
-    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int):
-        self.lengths, self.batch_size, self.seed, self.epoch = list(lengths), batch_size, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, epoch: Callable[[], int]):
+        self.lengths, self.batch_size, self.seed, self.epoch = list(lengths), batch_size, seed, epoch
 
     def __len__(self) -> int:
         return len(self.lengths)
 
     def __iter__(self) -> Iterator[int]:
-        return iter(length_grouped_order(self.lengths, self.batch_size, self.seed, self.epoch))
+        return iter(length_grouped_order(self.lengths, self.batch_size, self.seed, self.epoch()))
 
 
 def batched(lengths: Sequence[int], order: Sequence[int], batch_size: int) -> list[list[int]]:

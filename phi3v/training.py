@@ -33,7 +33,7 @@ from .guards import GradientWatch, LossGuard, trainable_parameter_table
 from .modeling import Phi3VForCausalLM
 from .preemption import PreemptionCallback, StopRequest, start_dataloader_worker
 from .report import MetricsCallback
-from .sampling import LengthGroupedSampler, batched, padding_share
+from .sampling import LengthGroupedSampler, batched, length_grouped_order, padding_share
 from .sources import require_local_or_reachable
 
 logger = logging.getLogger(__name__)
@@ -254,12 +254,13 @@ class RecipeTrainer(Trainer):
         size = self.args.per_device_train_batch_size
         if not (self.group_by_length and size > 1):
             return super()._get_train_sampler(train_dataset)
-        sampler = LengthGroupedSampler(dataset.lengths, size, self.args.seed)
+        seed = self.args.seed
+        sampler = LengthGroupedSampler(dataset.lengths, size, seed, epoch=lambda: dataset.epoch)
         logger.info(
             "--group_by_length: micro-batches of %d samples of similar length, %.1f%% padding tokens (%.1f%% in "
             "dataset order)",
             size,
-            100 * padding_share(batched(dataset.lengths, list(sampler), size)),
+            100 * padding_share(batched(dataset.lengths, length_grouped_order(dataset.lengths, size, seed), size)),
             100 * padding_share(batched(dataset.lengths, list(range(len(dataset))), size)),
         )
         return sampler

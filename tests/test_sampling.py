@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from phi3v.sampling import LengthGroupedSampler, batched, length_grouped_order, padding_share
+from phi3v.sampling import LengthGroupedSampler, batched, group_by_length, length_grouped_order, padding_share
 
 
 def docvqa_like_lengths(count: int, seed: int = 0) -> list[int]:
@@ -46,10 +46,25 @@ def test_padding_share_counts_pad_tokens_over_all_tokens():
     assert padding_share([[5, 5, 5]]) == 0
 
 
-def test_the_sampler_follows_set_epoch():
+def test_the_sampler_orders_for_the_epoch_it_is_told_when_iteration_starts():
     lengths = docvqa_like_lengths(64)
-    sampler = LengthGroupedSampler(lengths, 4, seed=5)
+    epoch = [0]
+    sampler = LengthGroupedSampler(lengths, 4, seed=5, epoch=lambda: epoch[0])
     first = list(sampler)
-    sampler.set_epoch(1)
+    epoch[0] = 1
     assert list(sampler) == length_grouped_order(lengths, 4, 5, 1) != first
     assert len(sampler) == 64
+
+
+def test_a_short_last_batch_holding_the_longest_sample_keeps_the_micro_batches_aligned():
+    """202 samples in micro-batches of 4, the longest one last: the last micro-batch holds 2 samples, and
+    only the longest sample moves to the front, so the loader, which cuts the order every 4 samples, still
+    gets the sorted runs of the first mega-batch as its micro-batches."""
+    lengths = [1000 + 3 * i for i in range(201)] + [50_000]  # distinct lengths: the sorted runs are known
+    order = group_by_length(list(range(202)), lengths, 4)
+    assert sorted(order) == list(range(202))
+    runs = [sorted(range(200), key=lambda i: -lengths[i])[k : k + 4] for k in range(0, 200, 4)]
+    cut = [order[k : k + 4] for k in range(0, 202, 4)]
+    assert cut[0] == [201, *runs[0][1:]]
+    assert cut[1:50] == runs[1:50]
+    assert sorted(cut[50]) == sorted([runs[0][0], 200])
