@@ -22,7 +22,9 @@ WHEELS=(
 
 case "${1:-}" in
     --fetch-wheels)
-        grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
+        exclude=$(git rev-parse --git-path info/exclude)  # keeps the wheels out of git, in any checkout
+        mkdir -p "$(dirname "$exclude")"
+        grep -qx '/.whl/' "$exclude" 2>/dev/null || echo '/.whl/' >> "$exclude"
         platforms=()
         for n in 17 24 27 28 31 34 35 39; do platforms+=(--platform "manylinux_2_${n}_x86_64"); done
         python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -37,6 +39,8 @@ case "${1:-}" in
     "")
         PYTHON=python3
         if compgen -G ".whl/*.whl" > /dev/null; then
+            "$PYTHON" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' \
+                || { echo "the wheels in .whl/ are for Python 3.12 (--fetch-wheels): fetch them for this one" >&2; exit 1; }
             "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
                 .whl/*.whl
             export PYTHONPATH=/tmp/site

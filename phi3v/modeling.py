@@ -244,7 +244,8 @@ class Phi3VForCausalLM(Phi3ForCausalLM, Phi3VPreTrainedModel):
         In training mode with labels, the LM head runs only at the positions that predict a label: the loss
         and its gradients are the same, and the [B, L, 32064] logits (fp32 for the loss, ~0.3 GB a sample at
         num_crops 16, where nearly every position is an image token) are never made. ``logits`` then holds
-        those positions only, flattened to [supervised tokens, vocab]."""
+        those positions only, flattened to [supervised tokens, vocab]. (Equal draw for draw unless LoRA
+        dropout is set on ``lm_head``, where the dropout masks fall on other positions: equal in expectation.)"""
         keep = kwargs.get("logits_to_keep", 0)
         keeps_all = isinstance(keep, int) and keep == 0  # the caller did not choose positions itself
         if self.training and labels is not None and keeps_all and "shift_labels" not in kwargs:

@@ -136,12 +136,15 @@ def test_gradient_checkpointing_choices_give_the_same_loss_and_gradients(tiny_di
             torch.testing.assert_close(grad, reference[name], rtol=1e-5, atol=1e-7, msg=f"{which}: {name}")
 
 
-def test_pixels_in_the_training_dtype_give_the_same_loss(tiny_dir, tiny_processor):
-    model = Phi3VForCausalLM.from_pretrained(tiny_dir, dtype=torch.bfloat16)
+@pytest.mark.parametrize("weights", [torch.float32, torch.bfloat16], ids=["fp32 weights", "bf16 weights"])
+def test_pixels_in_the_training_dtype_give_the_same_loss(tiny_dir, tiny_processor, weights):
+    """bf16 mixed precision (fp32 weights under autocast, as --bf16 trains) and bf16 weights (as
+    --use_flash_attention loads): bf16 pixels give exactly the loss of fp32 pixels."""
+    model = Phi3VForCausalLM.from_pretrained(tiny_dir, dtype=weights)
     batch_fp32 = training_batch(tiny_processor)
     batch_bf16 = training_batch(tiny_processor, pixel_dtype=torch.bfloat16)
     assert batch_bf16["pixel_values"].dtype == torch.bfloat16 and batch_fp32["pixel_values"].dtype == torch.float32
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         torch.testing.assert_close(model(**batch_bf16).loss, model(**batch_fp32).loss, rtol=0, atol=0)
 
 
