@@ -48,18 +48,18 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.documents import scanned_page  # noqa: E402
 from phi3v import Phi3VConfig, Phi3VForCausalLM  # noqa: E402
 from phi3v.args import RecipeArguments  # noqa: E402
 from phi3v.collators import EvalCollator, TrainCollator  # noqa: E402
 from phi3v.data import Conversation, Turn, encode_conversation  # noqa: E402
 from phi3v.sampling import batched, length_grouped_order, padding_share  # noqa: E402
 from phi3v.tiny import tiny_config, write_tiny_checkpoint  # noqa: E402
-from phi3v.training import load_model, prepare_for_training  # noqa: E402
+from phi3v.training import base_model, load_model, prepare_for_training  # noqa: E402
 
 MODES = ("full", "frozen_vision", "lora", "qlora")
 # Dense bf16 peak of common cards, TFLOP/s (the vendors' figures without sparsity).
@@ -95,20 +95,6 @@ def page_size(rng: random.Random) -> tuple[int, int]:
     return (1600, 1200) if rng.random() < 0.5 else (1200, 1600)  # 4:3 photos of documents
 
 
-def document(width: int, height: int, rng: random.Random) -> Image.Image:
-    """Off-white paper with a heading and rows of dark word blocks."""
-    image = Image.new("RGB", (width, height), (rng.randint(232, 250),) * 3)
-    draw = ImageDraw.Draw(image)
-    draw.rectangle((width // 10, height // 18, width // 2, height // 18 + 60), fill=(30, 30, 30))
-    for y in range(height // 8, height - height // 10, 46):
-        x = width // 10
-        while x < width - width // 8:
-            word = rng.randint(40, 180)
-            draw.rectangle((x, y, x + word, y + 22), fill=(rng.randint(10, 70),) * 3)
-            x += word + rng.randint(18, 30)
-    return image
-
-
 @dataclass
 class Workload:
     train: list[dict]  # encoded training examples
@@ -120,7 +106,7 @@ def make_workload(processor, count: int, seed: int) -> Workload:
     rng = random.Random(seed)
     workload = Workload([], [])
     for index in range(count):
-        image = document(*page_size(rng), rng)
+        image = scanned_page(*page_size(rng), rng).convert("RGB")
         question, answer = rng.choice(QUESTIONS)
         conversation = Conversation([Turn(question, answer, [image])])
         example = encode_conversation(processor, conversation, for_training=True)
@@ -253,16 +239,11 @@ def build_model(config: Phi3VConfig, mode: str, setup: Setup, args, folder: Path
     torch.manual_seed(0)  # LoRA's initialisation
     model = prepare_for_training(model, recipe_args)
     if not (setup.skip_padding and setup.stop_at_feature_layer):
-        embedding = vision_embedding(model)
+        embedding = base_model(model).model.vision_embed_tokens
         embedding.forward = types.MethodType(
             lambda self, pixels, sizes: reference_image_features(self, pixels, sizes, setup), embedding
         )
     return model.train()
-
-
-def vision_embedding(model: torch.nn.Module):
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.model.vision_embed_tokens
 
 
 def reference_image_features(embedding, pixel_values: torch.Tensor, image_sizes: torch.Tensor, setup: Setup):
@@ -415,7 +396,7 @@ def precision_check(config: Phi3VConfig, processor, args) -> None:
     torch.manual_seed(0)
     with torch.device(args.device):
         model = Phi3VForCausalLM._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
-    image = document(400, 300, random.Random(0))
+    image = scanned_page(400, 300, random.Random(0)).convert("RGB")
     example = encode_conversation(processor, Conversation([Turn(*QUESTIONS[0], [image])]), for_training=True)
     batch = {k: v.to(args.device) for k, v in TrainCollator(args.pad_token_id)([example]).items()}
     device_type = args.device.split(":")[0]

@@ -24,11 +24,11 @@ from multiprocessing import Pool
 from pathlib import Path
 
 from datasets import Dataset
-from PIL import Image, ImageDraw
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.documents import scanned_page  # noqa: E402
 from phi3v import Phi3VProcessor  # noqa: E402
 from phi3v.recipe import load_task  # noqa: E402
 from phi3v.sources import load_hub_source  # noqa: E402
@@ -43,18 +43,7 @@ OFFICIAL = REPO.parent / "shared" / "reference" / "phi35v_official"
 def page(seed: int) -> bytes:
     """A scanned page: off-white paper, a heading and rows of dark word blocks, saved as JPEG."""
     rng = random.Random(seed)
-    width, height = rng.randint(1600, 1800), rng.randint(2100, 2300)
-    image = Image.new("L", (width, height), rng.randint(232, 250))
-    draw = ImageDraw.Draw(image)
-    draw.rectangle((150, 120, 150 + rng.randint(500, 900), 190), fill=30)
-    y = 260
-    while y < height - 150:
-        x = 150
-        while x < width - 250:
-            word = rng.randint(40, 180)
-            draw.rectangle((x, y, x + word, y + 22), fill=rng.randint(10, 70))
-            x += word + rng.randint(18, 30)
-        y += rng.randint(38, 52)
+    image = scanned_page(rng.randint(1600, 1800), rng.randint(2100, 2300), rng)
     buffer = io.BytesIO()
     image.convert("RGB").save(buffer, "JPEG", quality=85)
     return buffer.getvalue()

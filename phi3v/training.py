@@ -33,7 +33,7 @@ from .guards import GradientWatch, LossGuard, trainable_parameter_table
 from .modeling import Phi3VForCausalLM
 from .preemption import PreemptionCallback, StopRequest, start_dataloader_worker
 from .report import MetricsCallback
-from .sampling import LengthGroupedSampler, batched, length_grouped_order, padding_share
+from .sampling import LengthGroupedSampler, batched, padding_share
 from .sources import require_local_or_reachable
 
 logger = logging.getLogger(__name__)
@@ -167,6 +167,11 @@ def apply_lora(model: Phi3VForCausalLM, args: RecipeArguments) -> PeftModel:
     return get_peft_model(model, config)
 
 
+def base_model(model: Phi3VForCausalLM | PeftModel) -> Phi3VForCausalLM:
+    """The Phi3VForCausalLM itself, under LoRA's wrapper when there is one."""
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
 def enable_activation_checkpointing(model: Phi3VForCausalLM | PeftModel, which: str) -> None:
     """--gradient_checkpointing: recompute the activations of every decoder and CLIP layer in the backward pass
     ("true", the original), of the decoder layers only ("decoder"), or of none ("false")."""
@@ -175,8 +180,7 @@ def enable_activation_checkpointing(model: Phi3VForCausalLM | PeftModel, which: 
     # non-reentrant: LoRA's frozen inputs would otherwise cut the gradient
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if which == "decoder":
-        base = model.get_base_model() if isinstance(model, PeftModel) else model
-        for layer in base.model.vision_embed_tokens.img_processor.vision_model.encoder.layers:
+        for layer in base_model(model).model.vision_embed_tokens.img_processor.vision_model.encoder.layers:
             layer.gradient_checkpointing = False
 
 
@@ -254,13 +258,12 @@ class RecipeTrainer(Trainer):
         size = self.args.per_device_train_batch_size
         if not (self.group_by_length and size > 1):
             return super()._get_train_sampler(train_dataset)
-        seed = self.args.seed
-        sampler = LengthGroupedSampler(dataset.lengths, size, seed, epoch=lambda: dataset.epoch)
+        sampler = LengthGroupedSampler(dataset.lengths, size, self.args.seed, epoch=lambda: dataset.epoch)
         logger.info(
             "--group_by_length: micro-batches of %d samples of similar length, %.1f%% padding tokens (%.1f%% in "
             "dataset order)",
             size,
-            100 * padding_share(batched(dataset.lengths, length_grouped_order(dataset.lengths, size, seed), size)),
+            100 * padding_share(batched(dataset.lengths, list(sampler), size)),
             100 * padding_share(batched(dataset.lengths, list(range(len(dataset))), size)),
         )
         return sampler

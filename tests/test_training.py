@@ -10,7 +10,13 @@ from phi3v import Phi3VForCausalLM
 from phi3v.args import RecipeArguments, parse_args
 from phi3v.collators import TrainCollator
 from phi3v.data import Conversation, Turn, encode_conversation
-from phi3v.training import build_training_args, lora_target_modules, prepare_for_training, setup_distributed
+from phi3v.training import (
+    base_model,
+    build_training_args,
+    lora_target_modules,
+    prepare_for_training,
+    setup_distributed,
+)
 
 VISION = "model.vision_embed_tokens."
 
@@ -100,7 +106,7 @@ def loss_and_gradients(tiny_dir, processor, flags: list[str]) -> tuple[torch.Ten
 
 
 def checkpointed_layers(model) -> dict[str, bool]:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     layers = {
         "decoder": base.model.layers,
         "clip": base.model.vision_embed_tokens.img_processor.vision_model.encoder.layers,
