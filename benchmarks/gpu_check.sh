@@ -2,9 +2,10 @@
 # The GPU check of the speed work, as one command (a few minutes on one H100/H200):
 #   - installs the packages the GPU machine lacks, or has in other versions, from wheels in .whl/ (no internet);
 #   - checks that the bf16 loss is finite and within 1% of the fp32 loss on a short sample, at full size;
+#   - checks that --use_liger_kernel gives the plain model's loss and gradients (tests/test_liger.py);
 #   - times LoRA and frozen-vision training of the real 4.15B architecture (random weights) in bf16 at
-#     num_crops 16, with SDPA and, when flash-attn is installed, with flash attention; prints the table
-#     with images/s, tokens/s, padding, peak GPU memory and model FLOP utilisation.
+#     num_crops 16, with SDPA, with SDPA and Liger's kernels, and, when flash-attn is installed, with flash
+#     attention; prints the tables with images/s, tokens/s, padding, peak GPU memory and model FLOP utilisation.
 #
 #   bash benchmarks/gpu_check.sh --fetch-wheels   # here, where pip reaches the registry: wheels into .whl/
 #   bash benchmarks/gpu_check.sh                  # there (carry .whl): install, check, time
@@ -17,7 +18,7 @@ cd "$(dirname "$0")/.."
 WHEELS=(
     transformers==5.24.0 peft==0.21.2 tokenizers==0.23.3 huggingface-hub==2.4.0 hf-xet==1.8.0
     httpx2==2.16.2 httpcore2==2.16.2 truststore==0.10.5 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
-    fsspec==2026.9.0
+    fsspec==2026.9.0 liger-kernel==0.8.5 pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1 pygments==2.21.0
 )
 
 case "${1:-}" in
@@ -34,6 +35,24 @@ case "${1:-}" in
         ;;
     --dry-run)
         PYTHON=.venv/bin/python
+        echo "Wheels the GPU run would carry (--fetch-wheels): ${WHEELS[*]}"
+        # the carried pins must be what this checkout installs, or the GPU would time other versions
+        "$PYTHON" - "${WHEELS[@]}" <<'EOF'
+import sys
+from importlib.metadata import PackageNotFoundError, version
+stale = []
+for pin in sys.argv[1:]:
+    name, wanted = pin.split("==")
+    try:
+        installed = version(name)
+    except PackageNotFoundError:
+        installed = "not installed"
+    if installed != wanted:
+        stale.append(f"{pin} (here: {installed})")
+if stale:
+    sys.exit("gpu_check.sh WHEELS differ from this checkout's packages: " + ", ".join(stale))
+print(f"all {len(sys.argv) - 1} pins match the packages installed here")
+EOF
         RUN=(--size tiny --batch_size 2 --batch_size_per_gpu 2 --steps 1 --warmup_steps 0 --num_crops 4)
         ;;
     "")
@@ -65,6 +84,14 @@ EOF
 
 echo "== SDPA =="
 "$PYTHON" benchmarks/train_throughput.py "${RUN[@]}" --mode lora,frozen_vision --precision_check
+if [ "$PYTHON" = python3 ]; then
+    echo "== Liger kernels: same loss and gradients as without =="
+    "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_liger.py
+    echo "== SDPA + Liger kernels =="
+    "$PYTHON" benchmarks/train_throughput.py "${RUN[@]}" --mode lora,frozen_vision --use_liger_kernel
+else
+    echo "== Liger kernels: GPU only; skipped in the dry run =="
+fi
 if "$PYTHON" -c "import flash_attn" 2> /dev/null; then
     echo "== flash attention (bf16 weights) =="
     "$PYTHON" benchmarks/train_throughput.py "${RUN[@]}" --mode lora,frozen_vision --use_flash_attention

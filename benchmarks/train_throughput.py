@@ -27,7 +27,8 @@ path, emulated here: eager attention, every crop slot including the zero padding
 with every hidden state kept, logits at every position, micro-batch 1 with gradient accumulation) and the
 project's path (SDPA or flash attention, real crops only, CLIP stopped at layer -2, the LM head only where
 a label is predicted, --batch_size_per_gpu micro-batches grouped by length), checks that their losses
-agree, prints each optimisation alone, and ends with `speedup: X.XX`.
+agree, prints each optimisation alone, and ends with `speedup: X.XX`. With --use_liger_kernel (a CUDA GPU)
+the optimised path also runs Liger's RMSNorm and SwiGLU kernels, and the table gains their row.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ from phi3v import Phi3VConfig, Phi3VForCausalLM  # noqa: E402
 from phi3v.args import RecipeArguments  # noqa: E402
 from phi3v.collators import EvalCollator, TrainCollator  # noqa: E402
 from phi3v.data import Conversation, Turn, encode_conversation  # noqa: E402
+from phi3v.liger import check_liger_available  # noqa: E402
 from phi3v.sampling import batched, length_grouped_order, padding_share  # noqa: E402
 from phi3v.tiny import tiny_config, write_tiny_checkpoint  # noqa: E402
 from phi3v.training import base_model, load_model, prepare_for_training  # noqa: E402
@@ -203,6 +205,7 @@ class Setup:
     fused_adamw: bool = True  # on CUDA
     pixels_in_training_dtype: bool = True  # on CUDA; the original handed over fp32
     supervised_logits_only: bool = True  # the LM head only where a label is predicted (the model's training forward)
+    liger_kernel: bool = False  # --use_liger_kernel (CUDA only; never in the reference)
 
 
 def reference_setup(name: str = "reference (the original)") -> Setup:
@@ -220,6 +223,7 @@ def build_model(config: Phi3VConfig, mode: str, setup: Setup, args, folder: Path
         bf16=args.bf16,
         deepspeed="none",
         gradient_checkpointing=args.gradient_checkpointing,
+        use_liger_kernel=setup.liger_kernel,
         # rank 64 on the full model's 3,072-wide layers; the same share of the tiny model's width
         lora_rank=args.lora_rank or round(64 * config.hidden_size / 3072),
     )
@@ -382,7 +386,7 @@ def profile_step(config: Phi3VConfig, workload: Workload, args, folder: Path) ->
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
     args.steps, args.warmup_steps = 1, 0
-    setup = Setup("optimised", micro_batch=args.batch_size_per_gpu)
+    setup = Setup("optimised", micro_batch=args.batch_size_per_gpu, liger_kernel=args.use_liger_kernel)
     with profile(activities=activities) as profiler:
         run_setup(setup, args.mode[0], config, workload, args, folder)
     key = "self_cuda_time_total" if args.device.startswith("cuda") else "self_cpu_time_total"
@@ -509,7 +513,9 @@ def describe(config: Phi3VConfig, workload: Workload, processor, args, size: str
 def compare(config: Phi3VConfig, workload: Workload, args, folder: Path) -> float:
     """The ablation table; returns the optimised path's speedup over the reference."""
     mode = args.mode[0]
-    optimised = Setup("optimised (all of the above)", micro_batch=args.batch_size_per_gpu)
+    optimised = Setup(
+        "optimised (all of the above)", micro_batch=args.batch_size_per_gpu, liger_kernel=args.use_liger_kernel
+    )
     reference = reference_setup()
     ablations = [
         replace(reference, name="+ SDPA attention", attention="sdpa"),
@@ -520,6 +526,8 @@ def compare(config: Phi3VConfig, workload: Workload, args, folder: Path) -> floa
     if args.batch_size_per_gpu > 1:
         name = f"+ micro-batch {args.batch_size_per_gpu}, grouped"
         ablations.append(replace(reference, name=name, micro_batch=args.batch_size_per_gpu, group_by_length=True))
+    if args.use_liger_kernel:
+        ablations.append(replace(reference, name="+ Liger kernels", liger_kernel=True))
     results = [run_setup(s, mode, config, workload, args, folder) for s in (reference, *ablations, optimised)]
     print_table(results, args)
     tolerance = 1e-3 if not args.device.startswith("cuda") else 3e-2
@@ -550,6 +558,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPU), as the scripts' flag")
     parser.add_argument("--use_flash_attention", action="store_true", help="bf16 weights + flash attention")
     parser.add_argument("--gradient_checkpointing", choices=["true", "decoder", "false"], default="true")
+    parser.add_argument("--use_liger_kernel", action="store_true", help="Liger's kernels in the optimised path (CUDA)")
     parser.add_argument("--lora_rank", type=int, default=None, help="default: 64 at full size, 5 at tiny (same share)")
     parser.add_argument("--max_new_tokens", type=int, default=16, help="tokens per answer in --eval")
     parser.add_argument("--eval_samples", type=int, default=8, help="prompts --eval answers")
@@ -563,6 +572,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--mode: unknown {sorted(unknown)}; choose from {', '.join(MODES)} or all")
     if args.use_flash_attention:
         args.bf16 = True
+    if args.use_liger_kernel:
+        try:
+            check_liger_available()
+        except ValueError as error:
+            parser.error(str(error))
     if args.batch_size % args.batch_size_per_gpu:
         parser.error("--batch_size must be a multiple of --batch_size_per_gpu")
     return args
@@ -596,7 +610,7 @@ def main(argv: list[str] | None = None) -> None:
         elif args.compare:
             speedup = compare(config, workload, args, weights)
         else:
-            setup = Setup("optimised", micro_batch=args.batch_size_per_gpu)
+            setup = Setup("optimised", micro_batch=args.batch_size_per_gpu, liger_kernel=args.use_liger_kernel)
             print_table([run_setup(setup, mode, config, workload, args, weights) for mode in args.mode], args)
         if args.eval:
             one = generation_rate(config, workload, args, 1, weights)

@@ -80,6 +80,9 @@ class RecipeArguments:
         "layers only (decoder: CLIP keeps its activations, faster, more memory) or none (false: fastest, most memory)",
         choices=["true", "decoder", "false"],
     )
+    use_liger_kernel: bool = flag(
+        False, "(new) Liger's Triton kernels for the decoder's RMSNorm and SwiGLU MLP (CUDA GPUs only)"
+    )
     group_by_length: bool = flag(
         False, "(new) micro-batches of samples of similar length (less padding when --batch_size_per_gpu > 1)"
     )
@@ -105,6 +108,10 @@ class RecipeArguments:
             # Flash attention does not run in fp16 (the original README's known issue), so bf16 it is.
             logger.info("--use_flash_attention implies --bf16.")
             self.bf16 = True
+        if self.use_liger_kernel:
+            from .liger import check_liger_available
+
+            check_liger_available()
         if self.deepspeed.lower() in ("", "none"):
             self.deepspeed = ""
         elif not self.use_lora:

@@ -30,6 +30,7 @@ from .args import RecipeArguments
 from .checkpoints import CheckpointCallback
 from .collators import TrainCollator
 from .guards import GradientWatch, LossGuard, trainable_parameter_table
+from .liger import apply_liger_kernels
 from .modeling import Phi3VForCausalLM
 from .preemption import PreemptionCallback, StopRequest, start_dataloader_worker
 from .report import MetricsCallback
@@ -188,6 +189,8 @@ def prepare_for_training(model: Phi3VForCausalLM, args: RecipeArguments) -> Phi3
     freeze_unused_vision_parameters(model)
     if args.freeze_vision_model:
         freeze_vision_tower(model)
+    if args.use_liger_kernel:
+        apply_liger_kernels(model)
     if args.use_lora:
         model = apply_lora(model, args)
     enable_activation_checkpointing(model, args.gradient_checkpointing)

@@ -39,6 +39,8 @@ def test_compare_gives_equal_losses_on_both_paths_and_a_speedup():
 
 def test_gpu_check_runs_end_to_end_as_a_dry_run():
     output = run(["bash", "benchmarks/gpu_check.sh", "--dry-run"])
+    assert "Wheels the GPU run would carry (--fetch-wheels): transformers==" in output
+    assert "pins match the packages installed here" in output  # the wheels are the versions tested here
     assert "bf16 autocast: loss" in output and ": ok" in output
     assert "lora           optimised" in output and "frozen_vision  optimised" in output
     assert "FAILED" not in output
