@@ -98,7 +98,12 @@ def loss_and_gradients(tiny_dir, processor, flags: list[str], dtype: torch.dtype
 def test_liger_gives_the_same_loss_and_gradients(tiny_dir, tiny_processor, mode, dtype):
     reference_loss, reference = loss_and_gradients(tiny_dir, tiny_processor, mode, dtype)
     loss, gradients = loss_and_gradients(tiny_dir, tiny_processor, [*mode, "--use_liger_kernel"], dtype)
-    tolerance = {"rtol": 1e-4, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 1e-3}
-    torch.testing.assert_close(loss, reference_loss, **tolerance)
-    for name, grad in gradients.items():
-        torch.testing.assert_close(grad, reference[name], **tolerance, msg=lambda m, name=name: f"{name}: {m}")
+    if dtype == torch.float32:  # only the order of the sums differs
+        torch.testing.assert_close(loss, reference_loss, rtol=1e-5, atol=0)
+        for name, grad in gradients.items():
+            torch.testing.assert_close(grad, reference[name], rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+    else:  # bf16 rounds each element differently; each gradient as a whole must agree
+        torch.testing.assert_close(loss, reference_loss, rtol=1e-2, atol=0)
+        for name, grad in gradients.items():
+            error = (grad.float() - reference[name].float()).norm() / reference[name].float().norm().clamp_min(1e-12)
+            assert error < 3e-2, f"{name}: relative error {error:.1e}"
