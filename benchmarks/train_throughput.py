@@ -59,6 +59,7 @@ from phi3v.args import RecipeArguments  # noqa: E402
 from phi3v.collators import EvalCollator, TrainCollator  # noqa: E402
 from phi3v.data import Conversation, Turn, encode_conversation  # noqa: E402
 from phi3v.liger import check_liger_available  # noqa: E402
+from phi3v.modeling import IGNORE_INDEX  # noqa: E402
 from phi3v.sampling import batched, length_grouped_order, padding_share  # noqa: E402
 from phi3v.tiny import tiny_config, write_tiny_checkpoint  # noqa: E402
 from phi3v.training import base_model, load_model, prepare_for_training  # noqa: E402
@@ -167,12 +168,16 @@ def training_flops(
     return {"vision": crops * per_crop + projector, "language": language}
 
 
+def supervised_positions(example: dict) -> int:
+    """The positions that predict a label (the loss's token count, as the Trainer counts it)."""
+    return int((example["labels"][1:] != IGNORE_INDEX).sum())
+
+
 def example_flops(config: Phi3VConfig, example: dict, mode: str) -> dict[str, float]:
     crop = config.clip_vision_config().image_size
     crops = sum(1 + (h // crop) * (w // crop) for h, w in example["image_sizes"].tolist())
     image_tokens = int((example["input_ids"] < 0).sum())
-    supervised = int((example["labels"][1:] != -100).sum())
-    return training_flops(config, crops, image_tokens, len(example["input_ids"]), mode, supervised)
+    return training_flops(config, crops, image_tokens, len(example["input_ids"]), mode, supervised_positions(example))
 
 
 # --- the model ---------------------------------------------------------------------------------------------------
@@ -356,7 +361,7 @@ def run_setup(setup: Setup, mode: str, config: Phi3VConfig, workload: Workload, 
         examples = workload.train[step * args.batch_size : (step + 1) * args.batch_size]
         lengths = workload.lengths[step * args.batch_size : (step + 1) * args.batch_size]
         batches = step_batches(examples, lengths, setup, collator)
-        supervised = sum(int((e["labels"][1:] != -100).sum()) for e in examples)  # the positions that predict one
+        supervised = sum(supervised_positions(e) for e in examples)
         started = time.perf_counter()
         step_loss = torch.zeros((), device=device)
         for batch in batches:

@@ -13,7 +13,7 @@ from phi3v import Phi3VForCausalLM
 from phi3v.args import RecipeArguments, parse_args
 from phi3v.liger import apply_liger_kernels
 from phi3v.training import base_model, prepare_for_training
-from tests.test_training import training_batch
+from tests.test_training import loss_and_gradients
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="Liger's Triton kernels run on CUDA GPUs only")
 
@@ -81,23 +81,13 @@ def test_lora_adapts_the_patched_mlp(tiny_dir, monkeypatch):
     assert type(mlp.gate_up_proj).__module__.startswith("peft.") and type(mlp.down_proj).__module__.startswith("peft.")
 
 
-def loss_and_gradients(tiny_dir, processor, flags: list[str], dtype: torch.dtype) -> tuple[torch.Tensor, dict]:
-    torch.manual_seed(0)
-    args = parse_args(RecipeArguments, flags)
-    model = prepare_for_training(Phi3VForCausalLM.from_pretrained(tiny_dir).cuda(), args).train()
-    batch = {k: v.cuda() for k, v in training_batch(processor).items()}
-    with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
-        loss = model(**batch).loss
-    loss.backward()
-    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-
-
 @needs_gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16 autocast"])
 @pytest.mark.parametrize("mode", [[], ["--use_lora", "--lora_rank", "4"]], ids=["full", "lora"])
 def test_liger_gives_the_same_loss_and_gradients(tiny_dir, tiny_processor, mode, dtype):
-    reference_loss, reference = loss_and_gradients(tiny_dir, tiny_processor, mode, dtype)
-    loss, gradients = loss_and_gradients(tiny_dir, tiny_processor, [*mode, "--use_liger_kernel"], dtype)
+    autocast = None if dtype == torch.float32 else dtype
+    reference_loss, reference = loss_and_gradients(tiny_dir, tiny_processor, mode, "cuda", autocast)
+    loss, gradients = loss_and_gradients(tiny_dir, tiny_processor, [*mode, "--use_liger_kernel"], "cuda", autocast)
     if dtype == torch.float32:  # only the order of the sums differs
         torch.testing.assert_close(loss, reference_loss, rtol=1e-5, atol=0)
         for name, grad in gradients.items():

@@ -1,6 +1,8 @@
 """Training setup: LoRA targets, freezing, the original's TrainingArguments, and the speed switches (activation
 checkpointing, pixels in the training dtype, the fused AdamW) giving the same loss and gradients."""
 
+import contextlib
+
 import pytest
 import torch
 from PIL import Image
@@ -97,10 +99,17 @@ def training_batch(processor, pixel_dtype=torch.float32) -> dict[str, torch.Tens
     return TrainCollator(processor.tokenizer.pad_token_id, pixel_dtype)(examples)
 
 
-def loss_and_gradients(tiny_dir, processor, flags: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def loss_and_gradients(
+    tiny_dir, processor, flags: list[str], device: str = "cpu", autocast: torch.dtype | None = None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One training forward and backward of ``training_batch`` as the recipes prepare the model for ``flags``,
+    optionally under autocast to ``autocast``."""
     torch.manual_seed(0)
-    model = prepare_for_training(Phi3VForCausalLM.from_pretrained(tiny_dir), parse_args(RecipeArguments, flags))
-    loss = model.train()(**training_batch(processor)).loss
+    args = parse_args(RecipeArguments, flags)
+    model = prepare_for_training(Phi3VForCausalLM.from_pretrained(tiny_dir).to(device), args).train()
+    batch = {k: v.to(device) for k, v in training_batch(processor).items()}
+    with torch.autocast(device, dtype=autocast) if autocast else contextlib.nullcontext():
+        loss = model(**batch).loss
     loss.backward()
     return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
 
