@@ -71,6 +71,14 @@ class RecipeArguments:
         None, "(new) continue a run from a checkpoint folder, or 'latest' (the newest complete one in --output_dir)"
     )
     overwrite_output_dir: bool = flag(False, "(new) start over in an --output_dir that holds a run (deletes it)")
+    ignore_data_change: bool = flag(
+        False, "(new) resume even when the training data differs from the checkpoint's (a warning instead of a stop)"
+    )
+    ddp_timeout: int = flag(
+        600,
+        "(new) seconds a process waits for the others in a collective once the model is loaded: a process that "
+        "died or hangs ends the run after this long (while loading, which may download, up to 2 hours)",
+    )
     max_length: int | None = flag(
         None, "(new) longest training sample in tokens; longer ones stop the run (image tokens are never cut)"
     )
@@ -98,7 +106,7 @@ class RecipeArguments:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
         if self.dataloader_num_workers < 0:
             raise ValueError(f"--dataloader_num_workers must be 0 or more, got {self.dataloader_num_workers}.")
-        for name in ("max_eval_samples", "save_steps", "save_total_limit", "max_length"):
+        for name in ("max_eval_samples", "save_steps", "save_total_limit", "max_length", "ddp_timeout"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
         if self.use_qlora and not self.use_lora:

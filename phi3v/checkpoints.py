@@ -1,33 +1,45 @@
-"""Checkpoints a run can trust: complete or ignored, rotated, and found again by --resume_from_checkpoint.
+"""Checkpoints a run can trust: complete and verified or ignored, rotated, found again by --resume_from_checkpoint.
 
 The HF Trainer writes ``checkpoint-N/`` (model or adapter, optimizer and scheduler or the DeepSpeed
-engine state, every rank's RNG state, ``trainer_state.json``). Once every rank has finished and the
-files are synced to disk, a marker, ``checkpoint_complete.json``, is written last and lists the files
-with their sizes. A checkpoint counts only when its marker is there and every listed file has that size,
-so one interrupted while being written, or damaged afterwards, is never resumed from.
+engine state, every rank's RNG state, ``trainer_state.json``). Once every rank has written its part, each
+rank syncs the files it wrote to disk and hashes them (xxh3-128; the rank named in a file's name wrote
+it, rank 0 the rest), and rank 0 writes a marker last, ``checkpoint_complete.json``: every file with its
+size and checksum, and the training data's fingerprint and sample count. A checkpoint counts only when
+its marker is there and every file has its size; resuming also checks every checksum (each rank its own
+files) and the training data, so a checkpoint interrupted while being written, truncated or corrupted
+afterwards is never resumed from, nor one trained on other data without saying so.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import mmap
 import os
 import re
 import shutil
+import time
 from pathlib import Path
+from typing import Any
 
+import xxhash
 from accelerate import PartialState
 from transformers import TrainerCallback
 
 from .args import RecipeArguments
-from .distributed import barrier, from_main_process
+from .distributed import barrier, from_main_process, gathered
 from .errors import RecipeError
+from .validate import SKIPPED_SAMPLES
 
 logger = logging.getLogger(__name__)
 
 MARKER = "checkpoint_complete.json"
+CHECKSUM = "xxh3_128"  # a fast non-cryptographic hash: it finds damage, not tampering
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
-RUN_OUTPUTS = ("eval_before.json", "eval_after.json", "skipped_samples.jsonl")
+# Files one rank writes: its RNG state (HF Trainer) and its DeepSpeed shards
+RANK_FILE = re.compile(r"(?:^|[/_])(?:rng_state|zero_pp_rank)_(\d+)[._]")
+RUN_OUTPUTS = ("eval_before.json", "eval_after.json", SKIPPED_SAMPLES)
+HASH_CHUNK = 64 * 1024**2
 
 
 def checkpoint_folders(output_dir: str | Path) -> list[tuple[int, Path]]:
@@ -39,47 +51,60 @@ def checkpoint_folders(output_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def incompleteness(checkpoint: Path) -> str | None:
-    """Why ``checkpoint`` cannot be resumed from, or None when it is complete."""
-    try:
-        files = json.loads((checkpoint / MARKER).read_text())["files"]
-    except FileNotFoundError:
-        return "no completion marker: it was interrupted while being written"
-    except (OSError, ValueError, KeyError) as error:
-        return f"unreadable completion marker ({error})"
-    for name, size in files.items():
-        path = checkpoint / name
-        if not path.is_file():
-            return f"{name} is missing"
-        if path.stat().st_size != size:
-            return f"{name} is {path.stat().st_size} bytes, {size} when it was written (truncated or replaced)"
-    return None
+# --- writing the marker -------------------------------------------------------------------------------------
 
 
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint; incomplete newer ones are skipped with a warning."""
-    for _, folder in reversed(checkpoint_folders(output_dir)):
-        problem = incompleteness(folder)
-        if problem is None:
-            return folder
-        logger.warning("Not resuming from %s: %s.", folder, problem)
-    return None
+def file_owner(name: str, world_size: int) -> int:
+    """The rank that hashes a checkpoint file, and verifies it on resume: the one its name says wrote it
+    (``rng_state_3.pth``, ``zero_pp_rank_3_...``), rank 0 for the rest and for ranks this run lacks."""
+    match = RANK_FILE.search(name)
+    rank = int(match.group(1)) if match else 0
+    return rank if rank < world_size else 0
 
 
-def mark_complete(checkpoint: Path) -> None:
-    """Sync every file of ``checkpoint`` to disk, then write the marker (atomically) listing them."""
-    files = {}
-    for path in sorted(p for p in checkpoint.rglob("*") if p.is_file() and p.name != MARKER):
+def file_checksum(path: Path) -> str:
+    """xxh3-128 of the file's bytes, read through a memory map (no copy: the page cache is hashed in place)."""
+    digest = xxhash.xxh3_128()
+    with open(path, "rb") as handle:
+        if os.fstat(handle.fileno()).st_size == 0:  # an empty file cannot be mapped
+            return digest.hexdigest()
+        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped, memoryview(mapped) as view:
+            for start in range(0, len(view), HASH_CHUNK):
+                digest.update(view[start : start + HASH_CHUNK])
+    return digest.hexdigest()
+
+
+def _files(checkpoint: Path) -> list[Path]:
+    return sorted(p for p in checkpoint.rglob("*") if p.is_file() and not p.name.startswith(MARKER))
+
+
+def own_file_entries(checkpoint: Path, rank: int = 0, world_size: int = 1) -> dict[str, dict[str, Any]]:
+    """Size and checksum of the files of ``checkpoint`` that ``rank`` owns, each synced to disk first."""
+    entries = {}
+    for path in _files(checkpoint):
+        name = path.relative_to(checkpoint).as_posix()
+        if file_owner(name, world_size) != rank:
+            continue
         with open(path, "rb") as handle:
             os.fsync(handle.fileno())
-        files[path.relative_to(checkpoint).as_posix()] = path.stat().st_size
+        entries[name] = {"size": path.stat().st_size, CHECKSUM: file_checksum(path)}
+    return entries
+
+
+def write_marker(checkpoint: Path, files: dict[str, dict[str, Any]], training_data: dict | None) -> None:
+    """The marker, written atomically and synced: the checkpoint is complete from here on."""
     partial = checkpoint / f"{MARKER}.partial"
     with open(partial, "w") as handle:
-        json.dump({"files": files}, handle, indent=1)
+        json.dump({"files": dict(sorted(files.items())), "training_data": training_data}, handle, indent=1)
         handle.flush()
         os.fsync(handle.fileno())
     partial.replace(checkpoint / MARKER)
     _fsync_folder(checkpoint)
+
+
+def mark_complete(checkpoint: Path, training_data: dict | None = None) -> None:
+    """One process: hash every file of ``checkpoint``, then write the marker."""
+    write_marker(checkpoint, own_file_entries(checkpoint), training_data)
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -88,6 +113,56 @@ def _fsync_folder(folder: Path) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+# --- reading it back ----------------------------------------------------------------------------------------
+
+
+def read_marker(checkpoint: Path) -> dict[str, Any]:
+    """The marker's content; raises FileNotFoundError, OSError or ValueError when it is missing or unreadable."""
+    marker = json.loads((checkpoint / MARKER).read_text())
+    if not isinstance(marker.get("files"), dict):
+        raise ValueError("no file list")
+    return marker
+
+
+def _entry(value: int | dict) -> dict[str, Any]:
+    return {"size": value} if isinstance(value, int) else value  # markers written before checksums: sizes only
+
+
+def incompleteness(checkpoint: Path) -> str | None:
+    """Why ``checkpoint`` is not complete (no marker, a file missing or of another size), or None.
+
+    Only sizes: cheap enough for every rotation; resuming also checks the checksums (``corruption``)."""
+    try:
+        files = read_marker(checkpoint)["files"]
+    except FileNotFoundError:
+        return "no completion marker: it was interrupted while being written"
+    except (OSError, ValueError, KeyError, AttributeError) as error:
+        return f"unreadable completion marker ({error})"
+    for name, value in files.items():
+        path, size = checkpoint / name, _entry(value)["size"]
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} is {path.stat().st_size} bytes, {size} when it was written (truncated or replaced)"
+    return None
+
+
+def corruption(checkpoint: Path, rank: int = 0, world_size: int = 1) -> str | None:
+    """The first file of those ``rank`` verifies whose content no longer has its recorded checksum, or None."""
+    for name, value in read_marker(checkpoint)["files"].items():
+        expected = _entry(value).get(CHECKSUM)
+        if expected is not None and file_owner(name, world_size) == rank:
+            if file_checksum(checkpoint / name) != expected:
+                return f"{name} does not match the checksum recorded when it was written (corrupted since)"
+    return None
+
+
+def newest_complete(output_dir: str | Path) -> Path | None:
+    """The newest checkpoint with its marker and every file of its size (checksums not read)."""
+    complete = (folder for _, folder in reversed(checkpoint_folders(output_dir)) if incompleteness(folder) is None)
+    return next(complete, None)
 
 
 def rotate_checkpoints(output_dir: str | Path, keep: int | None) -> None:
@@ -104,17 +179,27 @@ def rotate_checkpoints(output_dir: str | Path, keep: int | None) -> None:
 
 
 class CheckpointCallback(TrainerCallback):
-    """After the Trainer saved a checkpoint on every rank: mark it complete, then rotate."""
+    """After the Trainer saved a checkpoint on every rank: each rank hashes its files, rank 0 writes the
+    marker (with ``training_data``, the data's fingerprint and sample count), then rotates."""
 
-    def __init__(self, save_total_limit: int | None):
+    def __init__(self, save_total_limit: int | None, training_data: dict | None = None):
         self.save_total_limit = save_total_limit
+        self.training_data = training_data
 
     def on_save(self, args, state, control, **kwargs):
         barrier()  # every rank has written its part (DeepSpeed shards, its RNG state)
+        world = PartialState()
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        started = time.monotonic()
+        mine = own_file_entries(checkpoint, world.process_index, world.num_processes)
+        per_rank = gathered([(mine, time.monotonic() - started)])
         if state.is_world_process_zero:
-            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            mark_complete(checkpoint)
-            logger.info("Checkpoint %s is complete", checkpoint)
+            files = {name: entry for entries, _ in per_rank for name, entry in entries.items()}
+            write_marker(checkpoint, files, self.training_data)
+            megabytes = sum(entry["size"] for entry in files.values()) / 1e6
+            slowest = max(seconds for _, seconds in per_rank)
+            logger.info("Checkpoint %s is complete: %d files, %.1f MB, checksums in %.2f s (the slowest rank)",
+                        checkpoint, len(files), megabytes, slowest)  # fmt: skip
             rotate_checkpoints(args.output_dir, self.save_total_limit)
         barrier()
         return control
@@ -127,16 +212,20 @@ def prepare_output_dir(args: RecipeArguments) -> str | None:
     """Check --output_dir and return the checkpoint to resume from (None for a fresh start).
 
     Refuses a folder that cannot be written, or that holds a finished run or checkpoints, unless the
-    run resumes or --overwrite_output_dir clears them. Decided on the main process, the same on every rank.
+    run resumes or --overwrite_output_dir clears them. Decided on the main process, the same on every rank;
+    the checksums of a checkpoint to resume from are checked by every rank, each its own files.
     """
     outcome = from_main_process(_decide(args) if PartialState().is_main_process else None)
     if isinstance(outcome, RecipeError):
         raise outcome
+    if isinstance(outcome, list):
+        outcome = _verified_resume_point(outcome, Path(args.output_dir), args.resume_from_checkpoint != "latest")
     barrier()  # the main process may have removed old checkpoints
     return outcome
 
 
-def _decide(args: RecipeArguments) -> str | RecipeError | None:
+def _decide(args: RecipeArguments) -> list[str] | RecipeError | None:
+    """A RecipeError, None (a fresh start) or the checkpoints to resume from, best first."""
     output_dir = Path(args.output_dir)
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -146,7 +235,7 @@ def _decide(args: RecipeArguments) -> str | RecipeError | None:
     except OSError as error:
         return RecipeError(f"--output_dir {output_dir} cannot be written ({error}). Pick a folder you can write to.")
     if args.resume_from_checkpoint is not None:
-        return _resume_point(args, output_dir)
+        return _resume_candidates(args, output_dir)
     finished = (output_dir / "eval_after.json").exists()
     checkpoints = checkpoint_folders(output_dir)
     if (finished or checkpoints) and not args.overwrite_output_dir:
@@ -168,21 +257,54 @@ def _decide(args: RecipeArguments) -> str | RecipeError | None:
     return None
 
 
-def _resume_point(args: RecipeArguments, output_dir: Path) -> str | RecipeError | None:
-    if args.resume_from_checkpoint == "latest":
-        checkpoint = latest_checkpoint(output_dir)
-        if checkpoint is None:
-            logger.info(
-                "--resume_from_checkpoint latest: no complete checkpoint in %s yet, starting afresh", output_dir
-            )
-            return None
-    else:
+def _resume_candidates(args: RecipeArguments, output_dir: Path) -> list[str] | RecipeError | None:
+    if args.resume_from_checkpoint != "latest":
         checkpoint = Path(args.resume_from_checkpoint)
         problem = incompleteness(checkpoint) if checkpoint.is_dir() else "no such folder"
         if problem is not None:
             return RecipeError(
                 f"--resume_from_checkpoint {checkpoint}: {problem}. Pass another checkpoint or 'latest'."
             )
+        return [str(checkpoint)]
+    candidates = []
+    for _, folder in reversed(checkpoint_folders(output_dir)):
+        problem = incompleteness(folder)
+        if problem is None:
+            candidates.append(str(folder))
+        else:
+            logger.warning("Not resuming from %s: %s.", folder, problem)
+    if not candidates:
+        logger.info("--resume_from_checkpoint latest: no complete checkpoint in %s yet, starting afresh", output_dir)
+        return None
+    return candidates
+
+
+def _verified_resume_point(candidates: list[str], output_dir: Path, explicit: bool) -> str | None:
+    """The first of ``candidates`` whose files all have their checksums, checked by every rank in parallel."""
+    state = PartialState()
+    for candidate in candidates:
+        started = time.monotonic()
+        try:
+            mine = corruption(Path(candidate), state.process_index, state.num_processes)
+        except (OSError, ValueError) as error:
+            mine = f"unreadable completion marker ({error})"
+        problems = [problem for problem in gathered([mine]) if problem]
+        if not problems:
+            if state.is_main_process:
+                logger.info("Checksums of %s verified in %.2f s", candidate, time.monotonic() - started)
+                _drop_later_checkpoints(Path(candidate), output_dir)
+            return candidate
+        if explicit:
+            raise RecipeError(f"--resume_from_checkpoint {candidate}: {problems[0]}. Pass another checkpoint or "
+                              "'latest'.")  # fmt: skip
+        if state.is_main_process:
+            logger.warning("Not resuming from %s: %s.", candidate, problems[0])
+    if state.is_main_process:
+        logger.warning("--resume_from_checkpoint latest: no intact checkpoint in %s, starting afresh", output_dir)
+    return None
+
+
+def _drop_later_checkpoints(checkpoint: Path, output_dir: Path) -> None:
     step = int(CHECKPOINT_NAME.match(checkpoint.name).group(1)) if CHECKPOINT_NAME.match(checkpoint.name) else None
     if step is not None and checkpoint.parent.resolve() == output_dir.resolve():
         for later, folder in checkpoint_folders(output_dir):
@@ -199,4 +321,36 @@ def _resume_point(args: RecipeArguments, output_dir: Path) -> str | RecipeError 
             PartialState().num_processes,
         )
     logger.info("Resuming from %s", checkpoint)
-    return str(checkpoint)
+
+
+# --- the training data a checkpoint was trained on -------------------------------------------------------------
+
+
+def check_training_data(checkpoint: str, current: dict, ignore_change: bool) -> None:
+    """Stop (or, with ``ignore_change``, warn) when ``checkpoint`` was trained on other data than ``current``
+    (``{"fingerprint", "samples", "origin"}``). Decided on the main process, the same on every rank."""
+    problem = from_main_process(_data_change(Path(checkpoint), current) if PartialState().is_main_process else None)
+    if problem is None:
+        return
+    if not ignore_change:
+        raise RecipeError(
+            f"{problem} Resuming would continue at the checkpoint's position in other samples. Restore the data, "
+            "start a new run (another --output_dir, or --overwrite_output_dir), or pass --ignore_data_change to "
+            "resume anyway."
+        )
+    if PartialState().is_main_process:
+        logger.warning("--ignore_data_change: %s Resuming anyway.", problem)
+
+
+def _data_change(checkpoint: Path, current: dict) -> str | None:
+    recorded = read_marker(checkpoint).get("training_data")
+    if recorded is None:
+        logger.info("%s records no training data (written by an older version): the data is not checked.", checkpoint)
+        return None
+    if recorded["fingerprint"] == current["fingerprint"]:
+        return None
+    return (
+        f"The training data changed since {checkpoint} was written: it was trained on {recorded['samples']} samples "
+        f"of {recorded['origin']} (fingerprint {recorded['fingerprint'][:12]}), the data now has {current['samples']} "
+        f"(fingerprint {current['fingerprint'][:12]})."
+    )

@@ -44,6 +44,9 @@ class TrainCollator:
             batch["pixel_values"] = batch["pixel_values"].to(self.pixel_dtype)
         if "row" in examples[0]:  # where the samples came from, for messages about them (not a model input)
             batch["rows"] = [e["row"] for e in examples]
+        unreadable = [e["unreadable"] for e in examples if "unreadable" in e]
+        if unreadable:  # samples whose image could not be read (phi3v.data.TrainingSamples); not a model input
+            batch["unreadable"] = unreadable
         return batch
 
 

@@ -14,8 +14,12 @@ records of a conversation file. They are checked before training by ``phi3v.vali
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import logging
 import random
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -23,9 +27,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .images import ImageRef, load_image
+from .errors import RecipeError
+from .images import BadImageError, ImageRef, load_sample_image
 from .modeling import IGNORE_INDEX
 from .preemption import start_dataloader_worker
+from .processing import IMAGE_TAG
 
 if TYPE_CHECKING:
     from .sources import RowSource
@@ -33,6 +39,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 ANSWER_SUFFIX = "<|end|>\n<|endoftext|>"
+CHANGED_SINCE_VALIDATION = "It could be read when the data was checked, so it changed on disk since."
 
 
 @dataclass
@@ -49,6 +56,19 @@ class Conversation:
 
     def references(self) -> list[str]:
         return self.answers if self.answers is not None else [self.turns[-1].assistant]
+
+
+@functools.lru_cache(maxsize=8)
+def _control_text(tokenizer) -> re.Pattern:
+    added = sorted({token.content for token in tokenizer.added_tokens_decoder.values()}, key=len, reverse=True)
+    return re.compile("|".join([*map(re.escape, added), IMAGE_TAG.pattern]))
+
+
+def control_tokens_in(text: str, tokenizer) -> list[str]:
+    """The chat format's control tokens written out in ``text`` (``<|end|>``, ``<|user|>``, ``<s>``, an image
+    tag, any other token the tokenizer adds): tokenized, they would become the token itself, not text, so an
+    answer holding ``<|end|>`` would teach the model to end its turn early and a question could forge a turn."""
+    return list(dict.fromkeys(_control_text(tokenizer).findall(text)))
 
 
 def user_content(turn: Turn) -> str:
@@ -81,12 +101,16 @@ def conversation_ids(
 
 
 def encode_conversation(processor, conversation: Conversation, for_training: bool) -> dict[str, Any]:
-    """Token ids (with image placeholders), labels when training, and the turns' pixels concatenated."""
+    """Token ids (with image placeholders), labels when training, and the turns' pixels concatenated.
+    Raises BadImageError, naming the image, when one cannot be read."""
     pixel_values, image_sizes, image_tokens = [], [], []
+    numbered = 0
     for turn in conversation.turns:
         counts = []
         if turn.images:
-            processed = processor.image_processor([load_image(ref) for ref in turn.images])
+            images = [load_sample_image(numbered + k, ref) for k, ref in enumerate(turn.images, start=1)]
+            numbered += len(images)
+            processed = processor.image_processor(images)
             pixel_values.append(processed["pixel_values"])
             image_sizes.append(processed["image_sizes"])
             counts = processed["num_img_tokens"]
@@ -117,7 +141,11 @@ def sample_rng(seed: int, epoch: int, row: int) -> random.Random:
 class TrainingSamples(torch.utils.data.Dataset):
     """The kept rows of a source as training examples. ``conversation(row)`` gives what a row becomes, or a
     list of conversations of which one is drawn (with ``sample_rng``) each time the row is seen. ``lengths``
-    (tokens per row, from data validation) drive --group_by_length."""
+    (tokens per row, from data validation) drive --group_by_length.
+
+    A sample whose image cannot be read although it passed validation (the file changed on disk since)
+    becomes a one-token example with nothing to learn, marked ``unreadable``: the trainer stops the run
+    naming it, or counts it as skipped (``phi3v.guards.UnreadableSamples``). Workers never raise for it."""
 
     def __init__(
         self,
@@ -142,7 +170,20 @@ class TrainingSamples(torch.utils.data.Dataset):
         row = self.rows[index]
         candidates = as_candidates(self.conversation(self.source.rows[row]))
         conversation = sample_rng(self.seed, self.epoch, row).choice(candidates)
-        return {**encode_conversation(self.processor, conversation, for_training=True), "row": row}
+        try:
+            example = encode_conversation(self.processor, conversation, for_training=True)
+        except BadImageError as error:
+            problem = f"{error} {CHANGED_SINCE_VALIDATION}"
+            nothing_to_learn = torch.tensor([self.processor.tokenizer.bos_token_id])
+            example = {"input_ids": nothing_to_learn, "labels": torch.full_like(nothing_to_learn, IGNORE_INDEX)}
+            example["unreadable"] = {"row": row, "where": self.source.where(row), "problem": problem}
+        return {**example, "row": row}
+
+    def identity(self) -> dict[str, Any]:
+        """What a checkpoint records of the data it was trained on, to notice a resume on other data."""
+        rows = json.dumps([self.source.fingerprint, self.rows])
+        fingerprint = hashlib.sha256(rows.encode()).hexdigest()
+        return {"fingerprint": fingerprint, "samples": len(self.rows), "origin": self.source.origin}
 
 
 class EvaluationSamples(torch.utils.data.Dataset):
@@ -156,7 +197,12 @@ class EvaluationSamples(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         conversation = self.conversation(self.source.rows[self.rows[index]])
-        example = encode_conversation(self.processor, conversation, for_training=False)
+        try:
+            example = encode_conversation(self.processor, conversation, for_training=False)
+        except BadImageError as error:
+            where = self.source.where(self.rows[index])
+            raise RecipeError(f"Evaluation sample {where}: {error} {CHANGED_SINCE_VALIDATION} Restore the file, or "
+                              "check the data again with python -m phi3v.validate.") from None  # fmt: skip
         return {**example, "index": index, "answers": conversation.references()}
 
     def references(self, index: int) -> list[str]:

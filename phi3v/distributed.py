@@ -2,15 +2,28 @@
 
 Decisions that change control flow (stop after this step, refuse to start, reuse a cached result) are
 taken once and shared, so every rank takes the same branch and none waits forever in a collective.
+
+A collective waits for the other ranks at most a timeout: ``LOADING_TIMEOUT`` while the model and data
+load (rank 0 may be downloading them while the others wait), then --ddp_timeout, so that a rank that died
+or hangs ends the run in minutes rather than after the 30 minutes torch waits by default.
 """
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from accelerate import PartialState
+
+LOADING_TIMEOUT = timedelta(hours=2)
+
+
+def set_collective_timeout(seconds: float) -> None:
+    """From now on a collective of this process waits at most ``seconds`` for the others."""
+    if dist.is_available() and dist.is_initialized():
+        dist.set_timeout(timedelta(seconds=seconds))
 
 
 def is_distributed() -> bool:

@@ -1,6 +1,6 @@
 """Export a finished run as a standalone model folder in the official Phi-3.5-vision layout.
 
-    python -m phi3v.export --model OUTPUT_DIR --out DIR [--base PATH] [--dtype bfloat16|float16|float32]
+    python -m phi3v.export --model OUTPUT_DIR --out DIR [--base PATH] [--dtype bfloat16|float16|float32] [--overwrite]
 
 A LoRA or QLoRA run's adapters (language model, CLIP and projector) are merged into the unquantized base
 model; a full finetune is copied. The folder holds what the official checkpoint holds, so the original
@@ -16,6 +16,10 @@ remote code, vLLM's Phi-3-vision loader and ``phi3v`` all load it:
   (vLLM and ``trust_remote_code`` need them; ``phi3v`` does not).
 Last, the exported folder is loaded back and its logits on an image-and-text sample are compared with
 the run's; the largest difference is printed.
+
+``--out`` may not be the run folder or its base model, nor lie inside or hold either; a folder that holds
+anything is refused unless ``--overwrite``, which replaces it. The export is written to a temporary folder
+beside ``--out`` and renamed at the end, so an interrupted export never leaves a half-written ``--out``.
 """
 
 from __future__ import annotations
@@ -23,8 +27,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -33,7 +39,8 @@ from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 
 from .data import Conversation, Turn, encode_conversation
-from .inference import Trained, load_trained
+from .errors import RecipeError
+from .inference import Trained, load_trained, run_base_model
 from .modeling import Phi3VForCausalLM
 from .processing import Phi3VProcessor
 
@@ -53,10 +60,39 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 LEFTOVERS = re.compile(r"lora_|base_layer|modules_to_save|absmax|quant_map|quant_state|nested_")
 
 
-def export(model_dir: str | Path, out: str | Path, base: str | None = None, dtype: str = "bfloat16") -> float:
+def export(
+    model_dir: str | Path, out: str | Path, base: str | None = None, dtype: str = "bfloat16", overwrite: bool = False
+) -> float:
     """Write the standalone folder; returns the largest logit difference between it and the run."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    model_dir, out = Path(model_dir), Path(out)
+    check_destination(out, [model_dir, Path(base or run_base_model(model_dir) or model_dir)], overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir()
+    try:
+        difference = _export(model_dir, partial, out, base, dtype)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return difference
+
+
+def check_destination(out: Path, protected: list[Path], overwrite: bool) -> None:
+    """Refuse an --out that is, lies inside or holds one of ``protected`` (the run, its base), or that holds
+    files, unless ``overwrite``."""
+    target = out.resolve()
+    for folder in (p.resolve() for p in protected if p.exists()):
+        if target == folder or target.is_relative_to(folder) or folder.is_relative_to(target):
+            raise RecipeError(f"--out {out} would overwrite {folder} (the run or its base model): pick a folder "
+                              "outside both.")  # fmt: skip
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise RecipeError(f"--out {out} already holds files: pick an empty or new folder, or pass --overwrite to "
+                          "replace it.")  # fmt: skip
+
+
+def _export(model_dir: Path, partial: Path, out: Path, base: str | None, dtype: str) -> float:
+    """Export into ``partial``, then rename it to ``out`` (replacing what --overwrite allowed) and check it."""
     trained = load_trained(model_dir, base=base, device="cpu")
     sample = _reference_sample(trained.processor)
     with torch.no_grad():
@@ -66,10 +102,15 @@ def export(model_dir: str | Path, out: str | Path, base: str | None = None, dtyp
     leftovers = [name for name in weights if LEFTOVERS.search(name)]
     if leftovers:
         raise RuntimeError(f"Merging left adapter or quantization tensors behind: {leftovers[:5]}")
-    _write_shards(weights, out)
-    (out / "config.json").write_text(json.dumps(official_config(model.config, dtype), indent=2) + "\n")
-    _write_generation_config(model, out)
-    _write_processor_files(trained, Path(model_dir), out)
+    _write_shards(weights, partial)
+    (partial / "config.json").write_text(json.dumps(official_config(model.config, dtype), indent=2) + "\n")
+    _write_generation_config(model, partial)
+    _write_processor_files(trained, model_dir, partial)
+    if out.is_dir():
+        shutil.rmtree(out)  # what --overwrite replaces (an empty folder otherwise)
+    elif out.exists():
+        out.unlink()
+    partial.rename(out)
     exported = Phi3VForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     with torch.no_grad():
         difference = (exported(**sample).logits - expected).abs().max().item()
@@ -185,16 +226,22 @@ def _reference_sample(processor: Phi3VProcessor) -> dict[str, torch.Tensor]:
     }
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="a run's --output_dir (LoRA, QLoRA or full finetuning)")
     parser.add_argument("--out", required=True, help="folder to write")
     parser.add_argument("--base", help="base model of a LoRA run (default: the one its adapter config names)")
     parser.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
+    parser.add_argument("--overwrite", action="store_true", help="replace --out when it already holds files")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    export(args.model, args.out, base=args.base, dtype=args.dtype)
+    try:
+        export(args.model, args.out, base=args.base, dtype=args.dtype, overwrite=args.overwrite)
+    except RecipeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -8,14 +8,18 @@ trainable part of the model whose gradient is exactly zero.
   the steps and their samples.
 - ``GradientWatch``: over the first ``WATCH_STEPS`` optimizer steps, warns about every trainable group
   whose gradient was exactly zero on every rank (an adapter that is not wired in, a frozen input).
+- ``UnreadableSamples``: a training sample whose image cannot be read although it passed validation (the
+  file changed on disk) stops the run naming it, or with --skip_bad_samples is skipped and listed.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import defaultdict
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
@@ -156,3 +160,35 @@ class GradientWatch(TrainerCallback):
         for hook in self.hooks:
             hook.remove()
         self.hooks = []
+
+
+class UnreadableSamples(TrainerCallback):
+    """Training samples that could not be read (``phi3v.data.TrainingSamples`` marks them): the run stops
+    naming the first, or with ``skip`` each is skipped (it trains nothing), logged, appended to ``listing``
+    (skipped_samples.jsonl) by its rank, and the total is logged at the end of training."""
+
+    def __init__(self, skip: bool, listing: Path):
+        self.skip, self.listing, self.skipped = skip, Path(listing), 0
+
+    def observe(self, unreadable: list[dict], step: int) -> None:
+        if not unreadable:
+            return
+        if not self.skip:
+            first = unreadable[0]
+            raise RecipeError(
+                f"Training sample {first['where']} cannot be read: {first['problem']}. Restore the file and resume, "
+                "or resume with --skip_bad_samples to skip such samples (counted, and listed in skipped_samples.jsonl)."
+            )
+        with open(self.listing, "a") as listing:
+            for entry in unreadable:
+                logger.warning("--skip_bad_samples: skipped %s at step %d: %s", entry["where"], step, entry["problem"])
+                record = {"split": "train", "row": entry["row"], "where": entry["where"], "step": step}
+                listing.write(json.dumps({**record, "problems": [entry["problem"]]}) + "\n")
+        self.skipped += len(unreadable)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        total = sum(gathered([self.skipped]))
+        if total and state.is_world_process_zero:
+            logger.warning("%d training sample(s) could not be read during training and were skipped "
+                           "(--skip_bad_samples); they are listed in %s", total, self.listing)  # fmt: skip
+        return control

@@ -42,6 +42,20 @@ def load_image(ref: ImageRef) -> Image.Image:
             raise BadImageError(f"corrupt or truncated image data ({error}): replace the file.") from None
 
 
+def image_label(number: int, ref: ImageRef) -> str:
+    """How messages name a sample's image: its number in the sample, and its path when it has one."""
+    path = ref.get("path") if isinstance(ref, dict) else ref if isinstance(ref, (str, Path)) else None
+    return f"image {number} ({path})" if path else f"image {number}"
+
+
+def load_sample_image(number: int, ref: ImageRef) -> Image.Image:
+    """``load_image``, the error naming the image as ``image_label`` does."""
+    try:
+        return load_image(ref)
+    except BadImageError as error:
+        raise BadImageError(f"{image_label(number, ref)}: {error}") from None
+
+
 def _decode(ref: ImageRef) -> Image.Image:
     if isinstance(ref, dict):
         if ref.get("bytes") is None:

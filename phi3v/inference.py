@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from peft import PeftModel
 from transformers import AutoProcessor
 
 from .data import Conversation, EvaluationSamples, Turn
+from .errors import RecipeError
 from .evaluation import generate_answers
 from .images import ImageRef
 from .modeling import Phi3VForCausalLM
@@ -61,17 +63,34 @@ def load_trained(
     kwargs = {"dtype": dtype, "attn_implementation": "sdpa"}
     is_lora = (model_dir / "adapter_config.json").is_file()
     if not is_lora and not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{model_dir} holds neither adapter_config.json (LoRA) nor config.json (a full model).")
+        raise RecipeError(f"{model_dir} holds neither adapter_config.json (LoRA) nor config.json (a full model).")
+    given = base is not None
     base = base or run_base_model(model_dir)
     if is_lora:
         if base is None:
-            raise ValueError(f"{model_dir}/adapter_config.json names no base model: pass --base.")
+            raise RecipeError(f"{model_dir}/adapter_config.json names no base model: pass --base.")
+        _require_base(base, model_dir, given)
         model = PeftModel.from_pretrained(Phi3VForCausalLM.from_pretrained(base, **kwargs), model_dir)
     else:
         model = Phi3VForCausalLM.from_pretrained(model_dir, **kwargs)
     processor_kwargs = {"num_crops": num_crops} if num_crops else {}
     processor = AutoProcessor.from_pretrained(model_dir, **processor_kwargs)
     return Trained(model.to(device).eval(), processor, "lora" if is_lora else "full", base)
+
+
+HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
+
+
+def _require_base(base: str, model_dir: Path, given: bool) -> None:
+    """A LoRA run's base model must be a folder that exists, or a hub id (which the hub may provide)."""
+    if Path(base).exists() or (HUB_ID.match(base) and not base.startswith(".")):
+        return
+    if given:
+        raise RecipeError(f"--base {base}: no such folder.")
+    raise RecipeError(
+        f"The base model of this LoRA run, {base} (named in {model_dir / 'adapter_config.json'}), does not exist: "
+        "it was moved or deleted. Pass --base with the folder (or hub id) of that model."
+    )
 
 
 def _itself(conversation: Conversation) -> Conversation:
@@ -83,12 +102,11 @@ def ask(
     questions: Sequence[tuple[str, list[ImageRef]]],
     max_new_tokens: int = 64,
     batch_size: int = 8,
-    show_progress: bool = False,
 ) -> list[str]:
     """Greedy answers to (question, images) pairs, with the recipes' prompt and stopping rules."""
     conversations = RowSource.of([Conversation([Turn(q, "", list(images))]) for q, images in questions], "questions")
     prompts = EvaluationSamples(conversations, conversations.indices, _itself, trained.processor)
     results = generate_answers(
-        trained.model, trained.processor, prompts, list(range(len(prompts))), batch_size, max_new_tokens, show_progress
+        trained.model, trained.processor, prompts, list(range(len(prompts))), batch_size, max_new_tokens, False
     )
     return [result["generated_text"].strip() for result in sorted(results, key=lambda r: r["index"])]

@@ -4,10 +4,12 @@
     python -m phi3v.predict --model DIR --questions questions.jsonl --answers answers.jsonl [--batch_size 8]
 
 A questions file holds one JSON object per line, ``{"id": ..., "images": [paths], "question": "..."}``,
-image paths relative to --image_dir (default: the file's folder, which they may not leave). Answers are
-written as jsonl, one line per question, in order: ``{"id", "question", "images", "answer"}``. A LoRA run
-loads on its base model (named in its adapter config; --base overrides). The prompt and the stopping
-rules are the recipes' evaluation ones; --num_crops defaults to the one the run trained with.
+image paths relative to --image_dir (default: the file's folder, which they may not leave). Every line
+and every image (decoded) is checked before the model loads; each problem is named by file:line. Answers
+are written as jsonl, one line per question, in order, as soon as each batch is answered:
+``{"id", "question", "images", "answer"}``. A LoRA run loads on its base model (named in its adapter
+config; --base overrides). The prompt and the stopping rules are the recipes' evaluation ones;
+--num_crops defaults to the one the run trained with.
 """
 
 from __future__ import annotations
@@ -19,18 +21,24 @@ import sys
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
-from .images import load_image
-from .inference import ask, load_trained
+from .errors import RecipeError
+from .images import BadImageError, load_sample_image
+from .inference import Trained, ask, load_trained
+from .sources import text_lines
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def read_questions(path: Path, image_dir: Path) -> list[dict]:
-    """The questions of a jsonl file, every line checked before the model loads."""
+    """The questions of a jsonl file, every line and image checked before the model loads."""
     image_dir = image_dir.resolve()
     questions, problems = [], []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line, not_text in text_lines(path.read_bytes()):
+        if not_text is not None:
+            problems.append(f"{path}:{number}: {not_text}")
+            continue
         if not line.strip():
             continue
         try:
@@ -49,10 +57,39 @@ def read_questions(path: Path, image_dir: Path) -> list[dict]:
             problems.append(f"{path}:{number}: images leave {image_dir}: {escaping}" if escaping else
                             f"{path}:{number}: missing images {missing}")  # fmt: skip
             continue
+        unreadable = _unreadable_images(resolved)
+        if unreadable:
+            problems += [f"{path}:{number}: {problem}" for problem in unreadable]
+            continue
         questions.append({**item, "images": [str(full) for full in resolved]})
     if problems:
         raise ValueError("\n".join(problems))
     return questions
+
+
+def _unreadable_images(images: list[Path]) -> list[str]:
+    problems = []
+    for number, image in enumerate(images, start=1):
+        try:
+            load_sample_image(number, image)
+        except BadImageError as error:
+            problems.append(str(error))
+    return problems
+
+
+def write_answers(trained: Trained, items: list[dict], answers: Path, max_new_tokens: int, batch_size: int) -> None:
+    """Answer ``items`` batch by batch, each batch's answers written (and flushed) as soon as they exist."""
+    with open(answers, "w") as out, tqdm(total=len(items), desc="answering", unit="question") as bar:
+        for start in range(0, len(items), batch_size):
+            batch = items[start : start + batch_size]
+            try:
+                pairs = [(item["question"], item["images"]) for item in batch]
+                replies = ask(trained, pairs, max_new_tokens, batch_size=len(batch))
+            except (RecipeError, ValueError, OSError) as error:
+                raise RecipeError(f"{error}\nThe answers to the first {start} questions are in {answers}.") from error
+            out.writelines(json.dumps({**item, "answer": reply}) + "\n" for item, reply in zip(batch, replies))
+            out.flush()
+            bar.update(len(batch))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,21 +117,18 @@ def main(argv: list[str] | None = None) -> int:
             items = read_questions(args.questions, args.image_dir or args.questions.parent)
         else:
             items = [{"question": args.question, "images": args.image}]
-            for image in args.image:
-                load_image(image)  # a clear error now rather than after the model has loaded
-    except (ValueError, OSError) as error:
+            problems = _unreadable_images([Path(image) for image in args.image])  # now, not after loading
+            if problems:
+                raise ValueError("\n".join(problems))
+        trained = load_trained(args.model, args.base, DTYPES[args.dtype], args.device, args.num_crops)
+        if args.questions is None:
+            print(ask(trained, [(args.question, args.image)], args.max_new_tokens)[0])
+            return 0
+        write_answers(trained, items, args.answers, args.max_new_tokens, args.batch_size)
+    except (RecipeError, ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    trained = load_trained(args.model, args.base, DTYPES[args.dtype], args.device, args.num_crops)
-    questions = [(item["question"], item["images"]) for item in items]
-    answers = ask(trained, questions, args.max_new_tokens, args.batch_size, show_progress=len(items) > 1)
-    if args.questions is None:
-        print(answers[0])
-        return 0
-    with open(args.answers, "w") as out:
-        for item, answer in zip(items, answers):
-            out.write(json.dumps({**item, "answer": answer}) + "\n")
-    print(f"{len(answers)} answers written to {args.answers}")
+    print(f"{len(items)} answers written to {args.answers}")
     return 0
 
 

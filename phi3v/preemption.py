@@ -32,6 +32,7 @@ class StopRequest:
         self.announce = announce  # say so on the console (the main process only, not every rank)
         self.signal: int | None = None
         self.stopped_at_step: int | None = None  # set when training stopped for it, with a checkpoint
+        self.failed = False  # the run failed: nothing is left to finish, a signal ends the process at once
         self._received_at = 0.0
 
     def install(self) -> StopRequest:
@@ -47,9 +48,17 @@ class StopRequest:
     def exit_code(self) -> int:
         return 128 + (self.signal or 0)  # the shell's convention for "ended by signal N"
 
+    def abandon(self) -> None:
+        """The run failed: from now on a stop signal ends the process at once (no step will finish)."""
+        self.failed = True
+
     def _handle(self, number: int, frame) -> None:
         now = time.monotonic()
-        if self.signal is None:
+        if self.failed:
+            os.write(2, f"\n{signal.Signals(number).name} received while the run stops after an error: exiting "
+                        "now.\n".encode())  # fmt: skip
+            self._end_now(number)
+        elif self.signal is None:
             self.signal, self._received_at = number, now
             if not self.announce:
                 return
@@ -57,8 +66,12 @@ class StopRequest:
             os.write(2, f"\n{signal.Signals(number).name} received: finishing this step, then writing a "
                         "checkpoint. Send it again to stop at once.\n".encode())  # fmt: skip
         elif now - self._received_at > SAME_SIGNAL_WINDOW_S:
-            signal.signal(number, signal.SIG_DFL)
-            os.kill(os.getpid(), number)
+            self._end_now(number)
+
+    @staticmethod
+    def _end_now(number: int) -> None:
+        signal.signal(number, signal.SIG_DFL)
+        os.kill(os.getpid(), number)
 
 
 class PreemptionCallback(TrainerCallback):
@@ -76,7 +89,8 @@ class PreemptionCallback(TrainerCallback):
 
 
 def start_dataloader_worker(init: Callable[[int], None] | None, worker_id: int) -> None:
-    """A dataloader worker leaves stop signals to the main process, which ends it when it is done.
+    """A dataloader worker leaves stop signals to the main process, which ends it when it is done (and kills
+    it when the run fails or exits: ``phi3v.failure.end_child_processes``).
 
     Otherwise Ctrl-C, or Slurm signalling every process of the job, would kill the workers first, and
     PyTorch turns a dead worker into an error in the main process before it can write its checkpoint."""

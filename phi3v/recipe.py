@@ -27,11 +27,20 @@ import transformers
 from accelerate import PartialState
 
 from .args import REPO_ROOT, RecipeArguments, gradient_accumulation_steps
-from .checkpoints import prepare_output_dir
+from .checkpoints import check_training_data, newest_complete, prepare_output_dir
 from .console import available_cpus
 from .data import Conversation, EvaluationSamples, TrainingSamples
+from .distributed import set_collective_timeout
 from .errors import RecipeError
 from .evaluation import evaluate
+from .failure import (
+    EXIT_DEADLINE_S,
+    RunProgress,
+    end_child_processes,
+    exit_within,
+    install_exit_handler,
+    report_failure,
+)
 from .preemption import StopRequest
 from .report import MetricsCallback, plot_report, step_records, update_metrics, write_run_args
 from .sources import RowSource
@@ -43,7 +52,7 @@ from .training import (
     setup_distributed,
     train_and_save,
 )
-from .validate import validate_recipe_data, write_skipped
+from .validate import SKIPPED_SAMPLES, validate_recipe_data
 
 logger = logging.getLogger("phi3v")
 
@@ -90,20 +99,29 @@ def setup_logging(is_main_process: bool) -> None:
 
 
 def run_recipe(task: Task, args: RecipeArguments) -> dict[str, float | None]:
-    """Run the recipe; a problem the user must fix ends it with its message and exit status 1."""
+    """Run the recipe. Whatever fails ends it within seconds with one message and exit status 1
+    (``phi3v.failure``): a problem the user must fix without a traceback, anything else with one."""
     state = setup_distributed(args)
     setup_logging(state.is_main_process)
+    install_exit_handler()
+    progress = RunProgress(args.output_dir)
+    stop_request = StopRequest(announce=state.is_main_process)
     try:
-        return _run(task, args, state)
-    except RecipeError as error:
-        if state.is_main_process:
-            logger.error("%s", error)
+        return _run(task, args, state, progress, stop_request)
+    except Exception as error:
+        stop_request.abandon()
+        exit_within(EXIT_DEADLINE_S, 1)
+        if state.is_main_process or not (isinstance(error, RecipeError) and progress.collective):
+            report_failure(error, progress, newest_complete(args.output_dir), state.process_index)
+        end_child_processes()
         sys.exit(1)
     finally:
         state.destroy_process_group()  # a clean exit: gloo threads left running can abort the process
 
 
-def _run(task: Task, args: RecipeArguments, state) -> dict[str, float | None]:
+def _run(
+    task: Task, args: RecipeArguments, state, progress: RunProgress, stop_request: StopRequest
+) -> dict[str, float | None]:
     started = time.monotonic()
     accumulation = gradient_accumulation_steps(args.batch_size, state.num_processes, args.batch_size_per_gpu)
     logger.info(
@@ -129,6 +147,8 @@ def _run(task: Task, args: RecipeArguments, state) -> dict[str, float | None]:
         write_run_args(args, output_dir)
     processor = load_processor(args)
     train_set, eval_set, images_per_sample = _checked_datasets(task, args, processor, state)
+    if resume_from is not None:
+        check_training_data(resume_from, train_set.identity(), args.ignore_data_change)
 
     run_evaluation = partial(
         evaluate,
@@ -142,8 +162,10 @@ def _run(task: Task, args: RecipeArguments, state) -> dict[str, float | None]:
         mode=args.eval_mode,
         positive_label=task.auroc_label,
     )
-    stop_request = StopRequest(announce=state.is_main_process).install()
+    stop_request.install()
     model = load_model(args, quantize=args.use_qlora)
+    set_collective_timeout(args.ddp_timeout)  # loaded: from now on no rank waits long for another
+    progress.phase = "evaluating before training"
     before = _evaluate_before(run_evaluation, model, output_dir, metric, resume_from)
     if state.is_main_process:
         sizes = {"train_samples": len(train_set), "eval_samples": len(eval_set)}
@@ -155,12 +177,22 @@ def _run(task: Task, args: RecipeArguments, state) -> dict[str, float | None]:
     model = prepare_for_training(model, args)
     metrics = MetricsCallback(output_dir, images_per_sample)
     model = train_and_save(
-        model, processor, train_set, args, accumulation, resume_from, stop_request, train_set.source.where, metrics
+        model,
+        processor,
+        train_set,
+        args,
+        accumulation,
+        resume_from,
+        stop_request,
+        train_set.source.where,
+        metrics,
+        progress,
     )
     if model is None:
         checkpoint = output_dir / f"checkpoint-{stop_request.stopped_at_step}"
         _stop_for_signal(stop_request, f"{checkpoint} is complete; rerun the same command with "
                                        "--resume_from_checkpoint latest to continue")  # fmt: skip
+    progress.phase = f"evaluating after training (the trained model is saved in {output_dir})"
     if args.use_lora or args.uses_zero3:  # free the training model before loading the saved one
         del model
         gc.collect()
@@ -184,9 +216,8 @@ def _checked_datasets(task: Task, args: RecipeArguments, processor, state):
     (training samples, evaluation samples, images per training sample)."""
     with state.main_process_first():
         train, held_out = load_sources(task, args)
-    checked = validate_recipe_data(task, args, processor, train, held_out)
-    if state.is_main_process:
-        write_skipped(checked, args.output_dir)
+    listing = Path(args.output_dir) / SKIPPED_SAMPLES if state.is_main_process else None
+    checked = validate_recipe_data(task, args, processor, train, held_out, listing)
     train_set = TrainingSamples(
         train, checked.train_rows, task.train_conversation, processor, args.seed, checked.train_lengths
     )

@@ -19,8 +19,9 @@ import hashlib
 import json
 import logging
 import os
+import re
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -122,10 +123,16 @@ def load_hub_source(
 
 
 def hub_source(rows, name_or_path: str, config: str | None, split: str, flag: str, **checks) -> RowSource:
-    """All rows of a loaded hub split; ``checks`` go to ``schema_problems`` (e.g. ``images_per_row=2``)."""
+    """All rows of a loaded hub split; ``checks`` go to ``schema_problems`` (e.g. ``images_per_row=2``).
+
+    Its fingerprint: datasets' own for a hub id (it changes with the repository's revision); for a local
+    folder one of its files (``folder_fingerprint``), since datasets' ignores what the files hold."""
     origin = f"{flag} {name_or_path!r} ({f'config {config}, ' if config else ''}split {split})"
     problems = partial(_hub_row_problems, columns=tuple(rows.column_names), **checks)
-    return RowSource(UndecodedRows(rows), list(range(len(rows))), origin, rows._fingerprint, problems)
+    fingerprint = rows._fingerprint
+    if Path(name_or_path).is_dir():
+        fingerprint = _digest(folder_fingerprint(Path(name_or_path)), str(config), split)
+    return RowSource(UndecodedRows(rows), list(range(len(rows))), origin, fingerprint, problems)
 
 
 def _hub_row_problems(row: dict, columns: tuple[str, ...], images_per_row: int | None = None) -> list[str]:
@@ -164,6 +171,25 @@ def _query_problem(query: Any) -> str | None:
 TEXT_CHECKS = {"texts": _texts_problem, "answers": _answers_problem, "query": _query_problem}
 
 
+def file_stamp(path: Path, name: str | None = None) -> str:
+    """A file as the fingerprints see it: its name (default: its path), size and modification time in ns."""
+    stat = path.stat()
+    return f"{name or path}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def folder_fingerprint(folder: Path) -> str:
+    """Changes when any file under ``folder`` is added, removed, resized or modified: the hash of every
+    file's relative path, size and modification time in nanoseconds (contents are not read, so a mirror of
+    hundreds of GB is checked in a moment; a tool that rewrites a file keeping its size and time is not seen)."""
+    folder = folder.resolve()
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    return _digest(*(file_stamp(p, p.relative_to(folder).as_posix()) for p in files))
+
+
+def _digest(*parts: str) -> str:
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
 def _local_cache_dir(folder: Path) -> str:
     """A datasets cache folder of its own for a local dataset folder and its current files.
 
@@ -171,9 +197,7 @@ def _local_cache_dir(folder: Path) -> str:
     folders called ``docvqa`` (or one folder whose files were rewritten) would silently share stale rows.
     """
     folder = folder.resolve()
-    files = sorted(p for p in folder.rglob("*") if p.is_file())
-    stamp = [str(folder)] + [f"{p.relative_to(folder)}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files]
-    digest = hashlib.sha256("\n".join(stamp).encode()).hexdigest()[:16]
+    digest = _digest(str(folder), folder_fingerprint(folder))[:16]
     return str(Path(datasets.config.HF_DATASETS_CACHE) / "phi3v-local" / f"{folder.name}-{digest}")
 
 
@@ -204,26 +228,46 @@ class JsonlLine:
 def read_conversations(file: str | Path, image_dir: str | Path) -> RowSource:
     """Every record of a conversation file, in either format (a file starting with "[" is LLaVA JSON),
     checked: image paths that leave ``image_dir`` (``..``, absolute paths, symlinks pointing outside) or do
-    not exist are a problem of their record, never opened. Records become the cookbook's format."""
+    not exist are a problem of their record, never opened. Records become the cookbook's format. The file
+    is UTF-8 (a byte-order mark is fine); a line that is not is a problem of its record."""
     file, image_dir = Path(file), Path(image_dir).resolve()
     if not file.is_file():
         raise FileNotFoundError(f"{file}: no such file.")
-    text = file.read_text()
-    parsed = _llava_records(file, text) if text.lstrip().startswith("[") else _jsonl_records(file, text)
+    data = file.read_bytes()
+    is_llava = data.removeprefix(UTF8_BOM).lstrip().startswith(b"[")
+    parsed = _llava_records(file, data) if is_llava else _jsonl_records(file, data)
     if not parsed:
         raise ValueError(f"{file} holds no samples.")
-    stamps = [hashlib.sha256(text.encode()).hexdigest()]
+    stamps = [hashlib.sha256(data).hexdigest()]
     lines = [_checked_line(record, image_dir, stamps) for _, record in parsed]
-    fingerprint = hashlib.sha256("\n".join(stamps).encode()).hexdigest()
     locations = [location for location, _ in parsed]
-    return RowSource(lines, list(range(len(lines))), str(file), fingerprint, _jsonl_line_problems, locations)
+    return RowSource(lines, list(range(len(lines))), str(file), _digest(*stamps), _jsonl_line_problems, locations)
 
 
-def _jsonl_records(file: Path, text: str) -> list[tuple[str, Any]]:
+UTF8_BOM = b"\xef\xbb\xbf"
+NOT_UTF8 = re.compile("[\udc80-\udcff]")  # what undecodable bytes become with errors="surrogateescape"
+
+
+def text_lines(data: bytes) -> Iterator[tuple[int, str | None, str | None]]:
+    """(line number, the line decoded as UTF-8 or None, or why it is not UTF-8) for each line of ``data``."""
+    for number, raw in enumerate(data.removeprefix(UTF8_BOM).split(b"\n"), start=1):
+        try:
+            yield number, raw.decode("utf-8"), None
+        except UnicodeDecodeError as error:
+            yield number, None, _not_utf8(raw[error.start], error.start + 1)
+
+
+def _not_utf8(byte: int, position: int) -> str:
+    return f"not UTF-8 text (byte 0x{byte:02x} at byte {position} of the line): save the file as UTF-8"
+
+
+def _jsonl_records(file: Path, data: bytes) -> list[tuple[str, Any]]:
     """(file:line, record or JsonlLine with the problem) for every non-empty line."""
     records = []
-    for line_number, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
+    for line_number, line, problem in text_lines(data):
+        if problem is not None:
+            records.append((f"{file}:{line_number}", JsonlLine(None, [problem])))
+        elif line.strip():
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
@@ -232,8 +276,9 @@ def _jsonl_records(file: Path, text: str) -> list[tuple[str, Any]]:
     return records
 
 
-def _llava_records(file: Path, text: str) -> list[tuple[str, Any]]:
+def _llava_records(file: Path, data: bytes) -> list[tuple[str, Any]]:
     """(file:line (record i), record in the cookbook's format or JsonlLine with the problem) per record."""
+    text = data.removeprefix(UTF8_BOM).decode("utf-8", errors="surrogateescape")
     decoder, records = json.JSONDecoder(), []
     position = text.index("[") + 1
     while True:
@@ -245,7 +290,15 @@ def _llava_records(file: Path, text: str) -> list[tuple[str, Any]]:
         except json.JSONDecodeError as error:
             raise ValueError(f"{file}:{error.lineno}:{error.colno}: not valid JSON ({error.msg}).") from None
         location = f"{file}:{text.count(chr(10), 0, position) + 1} (record {len(records)})"
-        records.append((location, _from_llava(record)))
+        undecodable = NOT_UTF8.search(text, position, end)
+        if undecodable:
+            line_start = text.rfind("\n", 0, undecodable.start()) + 1
+            byte = ord(undecodable.group()) - 0xDC00
+            line = text.count("\n", 0, undecodable.start()) + 1
+            column = len(text[line_start : undecodable.start()].encode("utf-8", "surrogateescape")) + 1
+            records.append((location, JsonlLine(None, [f"line {line}: {_not_utf8(byte, column)}"])))
+        else:
+            records.append((location, _from_llava(record)))
         position = _skip(text, end, " \t\r\n")
         if text.startswith(",", position):
             position += 1
@@ -312,8 +365,7 @@ def _checked_line(record: Any, image_dir: Path, stamps: list[str]) -> JsonlLine:
             elif not resolved.is_file():
                 problems.append(f"turn {number}: image {resolved} does not exist")
             else:
-                stat = resolved.stat()
-                stamps.append(f"{resolved}:{stat.st_size}:{stat.st_mtime_ns}")
+                stamps.append(file_stamp(resolved))
             paths.append(str(resolved))
         turns.append({**turn, "images": paths})
     return JsonlLine(None if problems else {**record, "conversations": turns}, problems)

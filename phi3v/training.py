@@ -12,6 +12,7 @@ import os
 import socket
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 
 import torch
 from accelerate import PartialState
@@ -29,13 +30,16 @@ from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 from .args import RecipeArguments
 from .checkpoints import CheckpointCallback
 from .collators import TrainCollator
-from .guards import GradientWatch, LossGuard, trainable_parameter_table
+from .distributed import LOADING_TIMEOUT
+from .failure import RunProgress
+from .guards import GradientWatch, LossGuard, UnreadableSamples, trainable_parameter_table
 from .liger import apply_liger_kernels
 from .modeling import Phi3VForCausalLM
 from .preemption import PreemptionCallback, StopRequest, start_dataloader_worker
 from .report import MetricsCallback
 from .sampling import LengthGroupedSampler, batched, padding_share
 from .sources import require_local_or_reachable
+from .validate import SKIPPED_SAMPLES
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +61,8 @@ def setup_distributed(args: RecipeArguments) -> PartialState:
     The state is built here, before TrainingArguments, and the Trainer is told to use it: on a machine
     without CUDA, accelerate only sees torchrun's ranks with the gloo backend named explicitly, and for
     DeepSpeed it must also be told about DeepSpeed up front (otherwise it believes there is one process).
-    DeepSpeed needs the torch.distributed variables even for a single process.
+    DeepSpeed needs the torch.distributed variables even for a single process. Collectives wait up to
+    LOADING_TIMEOUT until the recipe lowers it to --ddp_timeout once the model is loaded.
     """
     if args.uses_deepspeed and "RANK" not in os.environ:
         with socket.socket() as probe:
@@ -69,10 +74,10 @@ def setup_distributed(args: RecipeArguments) -> PartialState:
     backend = "gloo" if launched and on_cpu else None
     if not args.uses_deepspeed:
         # accelerate treats CPU ranks as distributed (MULTI_CPU) only when told cpu=True
-        return PartialState(cpu=on_cpu and launched, backend=backend)
+        return PartialState(cpu=on_cpu and launched, backend=backend, timeout=LOADING_TIMEOUT)
     os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
     try:
-        return PartialState(backend=backend)
+        return PartialState(backend=backend, timeout=LOADING_TIMEOUT)
     finally:
         del os.environ["ACCELERATE_USE_DEEPSPEED"]
 
@@ -243,17 +248,22 @@ def build_training_args(args: RecipeArguments, accumulation_steps: int) -> Train
         dataloader_num_workers=args.dataloader_num_workers,
         dataloader_prefetch_factor=2 if args.dataloader_num_workers else None,
         ddp_find_unused_parameters=False,
+        ddp_timeout=args.ddp_timeout,  # the process group is made by setup_distributed; the recipe sets this there
         seed=args.seed,
     )
 
 
 class RecipeTrainer(Trainer):
-    """The HF Trainer, with every micro-batch's loss shown to a LossGuard (with the rows it came from),
-    dataloader workers that leave stop signals to the main process, and --group_by_length's order."""
+    """The HF Trainer, with every micro-batch's loss shown to a LossGuard (with the rows it came from), its
+    unreadable samples to UnreadableSamples, dataloader workers that leave stop signals to the main process,
+    and --group_by_length's order."""
 
-    def __init__(self, *args, loss_guard: LossGuard, group_by_length: bool = False, **kwargs):
+    def __init__(
+        self, *args, loss_guard: LossGuard, unreadable: UnreadableSamples, group_by_length: bool = False, **kwargs
+    ):
         super().__init__(*args, **kwargs)
         self.loss_guard = loss_guard
+        self.unreadable = unreadable
         self.group_by_length = group_by_length
 
     def _get_train_sampler(self, train_dataset=None):
@@ -273,6 +283,13 @@ class RecipeTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         rows = inputs.pop("rows", [])
+        self.unreadable.observe(inputs.pop("unreadable", []), self.state.global_step + 1)
+        if num_items_in_batch is not None:
+            # A step whose every sample was skipped as unreadable has no supervised token: its loss is then 0
+            # (no gradient), not 0/0. Any other step counts at least one, which this leaves as it is.
+            num_items_in_batch = (
+                num_items_in_batch.clamp(min=1) if torch.is_tensor(num_items_in_batch) else max(num_items_in_batch, 1)
+            )
         result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         self.loss_guard.observe(result[0] if return_outputs else result, rows)
         return result
@@ -305,6 +322,7 @@ def train_and_save(
     stop_request: StopRequest,
     describe_row: Callable[[int], str],
     metrics: MetricsCallback,
+    progress: RunProgress,
 ) -> Phi3VForCausalLM | None:
     """Train (resuming from ``resume_from``), save the model (adapters only for LoRA) and the processor to
     --output_dir, and return the trained model without its DDP/DeepSpeed wrapper. Returns None when a stop
@@ -312,13 +330,16 @@ def train_and_save(
     training_args = build_training_args(args, accumulation_steps)
     logger.info("Trainer: %s over %d process(es)", training_args.parallel_mode.value, training_args.world_size)
     loss_guard = LossGuard(describe_row)
+    unreadable = UnreadableSamples(args.skip_bad_samples, Path(args.output_dir) / SKIPPED_SAMPLES)
     callbacks = [
         EpochCallback(train_dataset),
-        CheckpointCallback(args.save_total_limit),
+        CheckpointCallback(args.save_total_limit, train_dataset.identity()),
         loss_guard,
+        unreadable,
         GradientWatch(model),
         PreemptionCallback(stop_request),
         metrics,
+        progress,  # last: it sees whether the callbacks before it asked for a checkpoint
     ]
     trainer = RecipeTrainer(
         model=model,
@@ -327,11 +348,13 @@ def train_and_save(
         data_collator=TrainCollator(processor.tokenizer.pad_token_id, pixel_dtype=training_dtype(args)),
         callbacks=callbacks,
         loss_guard=loss_guard,
+        unreadable=unreadable,
         group_by_length=args.group_by_length,
     )
     trainer.train(resume_from_checkpoint=resume_from)
     if stop_request.stopped_at_step is not None:
         return None
+    progress.phase = f"saving the trained model to {args.output_dir}"
     trainer.save_model()
     state = PartialState()
     if state.is_main_process:

@@ -1,9 +1,10 @@
 """Every sample checked before the first training step, and ``python -m phi3v.validate``.
 
 For each row of the training and evaluation splits:
-- the row's schema (hub columns, or the jsonl line: JSON, keys, image paths inside the image folder),
+- the row's schema (hub columns, or the jsonl line: UTF-8, JSON, keys, image paths inside the image folder),
 - every conversation the row can become (DocVQA: one per reference answer): text fields, no empty answer,
-  image tags that match the images,
+  no control token of the chat format written out in the text (``<|end|>``, ``<|user|>``, ``<s>``, an
+  image tag, ...: the tokenizer would read it as the token), image tags that match the images,
 - every image decoded once (missing, empty, truncated, corrupt, not an image, over PIL's
   decompression-bomb limit, too elongated for the HD transform); its size gives its token count,
 - the sample's length in tokens, against --max_length (image tokens are never cut, so a longer
@@ -11,9 +12,10 @@ For each row of the training and evaluation splits:
 
 Images are decoded in parallel worker processes with a progress bar; under torchrun every rank checks
 a strided share and the results are gathered, so nothing is decoded twice. The result is cached under
-``$PHI3V_CACHE`` (default ``~/.cache/phi3v``) by data fingerprint, prompt builder, tokenizer and crop
-settings: a resumed or repeated run reuses it. Problems stop the run, naming the row or file:line and
-the fix, unless --skip_bad_samples drops them (counted, and listed in ``skipped_samples.jsonl``).
+``$PHI3V_CACHE`` (default ``~/.cache/phi3v``) by data fingerprint (``RowSource.fingerprint``: it changes
+with the data), prompt builder, tokenizer and crop settings: a resumed or repeated run on the same data
+reuses it. Problems stop the run, naming the row or file:line and the fix, unless --skip_bad_samples
+drops them (counted, and listed in ``skipped_samples.jsonl``, also when nothing is left).
 
     python -m phi3v.validate finetune_hf_trainer_ucf101.py --data_dir ./ucf101 [any data flags of that script]
 """
@@ -38,10 +40,11 @@ from PIL import Image
 from tqdm import tqdm
 
 from .console import available_cpus
-from .data import IGNORE_INDEX, Conversation, as_candidates, conversation_ids
+from .data import IGNORE_INDEX, Conversation, as_candidates, control_tokens_in, conversation_ids
 from .distributed import from_main_process, gathered, is_distributed
 from .errors import RecipeError
-from .images import BadImageError, load_image
+from .images import BadImageError, image_label, load_image
+from .processing import IMAGE_TAG
 from .sources import RowSource
 
 if TYPE_CHECKING:
@@ -50,9 +53,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-VALIDATION_VERSION = 1  # bump when the checks change, so cached results are not reused
+VALIDATION_VERSION = 2  # bump when the checks change, so cached results are not reused
 CHUNK_SIZE = 32  # rows a worker takes at a time
 MAX_SHOWN = 20  # problems quoted in an error message
+SKIPPED_SAMPLES = "skipped_samples.jsonl"  # in --output_dir: what --skip_bad_samples dropped, and why
 
 
 @dataclass
@@ -83,7 +87,7 @@ def check_row(source: RowSource, row: int, build: Callable, processor, for_train
     check = SampleCheck(row)
     try:
         item = source.rows[row]
-        check.problems = source.schema_problems(item)
+        check.problems = list(source.schema_problems(item))  # a copy: problems are added to it below
         if check.problems:
             return check
         built = build(item)
@@ -96,7 +100,7 @@ def check_row(source: RowSource, row: int, build: Callable, processor, for_train
         return check
     supervised = []
     for candidate in candidates:
-        problems = _text_problems(candidate, for_training)
+        problems = _text_problems(candidate, for_training, processor.tokenizer)
         if not problems:
             counts = [[image_tokens[id(ref)] for ref in turn.images] for turn in candidate.turns]
             try:
@@ -124,27 +128,36 @@ def _check_images(candidates: list[Conversation], processor, check: SampleCheck)
                 check.images += 1
                 tokens[id(ref)] = processor.image_processor.num_tokens_for_size(width, height)
             except (BadImageError, ValueError) as error:
-                check.problems.append(f"image {number}{_image_name(ref)}: {error}")
+                check.problems.append(f"{image_label(number, ref)}: {error}")
     return tokens
 
 
-def _image_name(ref: Any) -> str:
-    if isinstance(ref, dict):
-        return f" ({ref['path']})" if ref.get("path") else ""
-    return f" ({ref})" if isinstance(ref, (str, Path)) else ""
-
-
-def _text_problems(conversation: Conversation, for_training: bool) -> list[str]:
+def _text_problems(conversation: Conversation, for_training: bool, tokenizer) -> list[str]:
     problems = []
     for number, turn in enumerate(conversation.turns, start=1):
         if not isinstance(turn.user, str) or not isinstance(turn.assistant, str):
             problems.append(f"turn {number}: the question and the answer must be text")
-        elif for_training and not turn.assistant.strip():
+            continue
+        if for_training and not turn.assistant.strip():
             problems.append(f"turn {number}: empty answer (nothing to learn): fill it in or drop the sample")
+        tokenized = {"question": turn.user}
+        if for_training or number < len(conversation.turns):  # an evaluation's last answer is its reference
+            tokenized["answer"] = turn.assistant
+        for role, text in tokenized.items():
+            for token in control_tokens_in(text, tokenizer):
+                problems.append(_control_token_problem(number, role, token))
     references = conversation.references()
     if not for_training and not any(isinstance(a, str) and a.strip() for a in references):
         problems.append("no non-empty reference answer to score against")
     return problems
+
+
+def _control_token_problem(turn: int, role: str, token: str) -> str:
+    if IMAGE_TAG.fullmatch(token):
+        return (f"turn {turn}: the {role} holds the image tag {token}; image tags are added from the turn's "
+                "images: remove it from the text")  # fmt: skip
+    return (f"turn {turn}: the {role} holds {token}, which the tokenizer reads as the chat format's control "
+            "token, not as text: remove it from the text, or drop the sample")  # fmt: skip
 
 
 # --- many rows, in parallel -----------------------------------------------------------------------------------
@@ -301,8 +314,11 @@ def validate_split(
 # --- the recipe's data ----------------------------------------------------------------------------------------
 
 
-def validate_recipe_data(task: Task, args: RecipeArguments, processor, train: RowSource, held_out: RowSource):
-    """Check both splits; stop with every problem listed, or drop the bad rows with --skip_bad_samples."""
+def validate_recipe_data(
+    task: Task, args: RecipeArguments, processor, train: RowSource, held_out: RowSource, listing: Path | None = None
+) -> CheckedData:
+    """Check both splits; stop with every problem listed, or drop the bad rows with --skip_bad_samples and
+    list them in ``listing`` (skipped_samples.jsonl; None: not written), also when nothing is left."""
     show = not args.no_tqdm
     train_checks = validate_split("training", train, task.train_conversation, processor, True, None, show)
     eval_checks = validate_split("evaluation", held_out, task.eval_conversation, processor, False, None, show)
@@ -328,7 +344,7 @@ def validate_recipe_data(task: Task, args: RecipeArguments, processor, train: Ro
             len(bad),
             sum(split == "train" for split, _, _ in bad),
             sum(split == "eval" for split, _, _ in bad),
-            Path(args.output_dir) / "skipped_samples.jsonl",
+            Path(args.output_dir) / SKIPPED_SAMPLES,
         )
     checked = CheckedData(
         [c.row for c in train_checks if not c.problems],
@@ -341,10 +357,13 @@ def validate_recipe_data(task: Task, args: RecipeArguments, processor, train: Ro
     kept = [c for c in train_checks if not c.problems]
     checked.train_images_per_sample = sum(c.images for c in kept) / max(len(kept), 1)
     checked.train_lengths = [c.tokens for c in kept]
-    if not checked.train_rows or sum(c.supervised for c in train_checks if not c.problems) == 0:
-        raise RecipeError(f"No training sample with a supervised token is left in {train.origin}: nothing to learn.")
+    if listing is not None:
+        write_skipped(checked, listing)
+    if not checked.train_rows or sum(c.supervised for c in kept) == 0:
+        raise RecipeError(_nothing_left_message(f"No training sample with a supervised token is left in "
+                                                f"{train.origin}: nothing to learn.", bad, listing))  # fmt: skip
     if not checked.eval_rows:
-        raise RecipeError(f"No evaluation sample is left in {held_out.origin}.")
+        raise RecipeError(_nothing_left_message(f"No evaluation sample is left in {held_out.origin}.", bad, listing))
     return checked
 
 
@@ -370,10 +389,19 @@ def _problems_message(bad: list[tuple[str, RowSource, SampleCheck]]) -> str:
     )
 
 
-def write_skipped(checked: CheckedData, output_dir: str | Path) -> None:
+def _nothing_left_message(what: str, bad: list[tuple[str, RowSource, SampleCheck]], listing: Path | None) -> str:
+    if not bad:
+        return what
+    shown = "\n  ".join(f"{source.where(c.row)}: {'; '.join(c.problems)}" for _, source, c in bad[:MAX_SHOWN])
+    more = f"\n  ... and {len(bad) - MAX_SHOWN} more" if len(bad) > MAX_SHOWN else ""
+    listed = f" (all of them are listed in {listing})" if listing is not None else ""
+    return f"{what} {len(bad)} sample(s) were dropped{listed}, the first for:\n  {shown}{more}"
+
+
+def write_skipped(checked: CheckedData, listing: Path) -> None:
+    """skipped_samples.jsonl: one line per dropped sample (split, row, where, problems); none when none was."""
     if checked.skipped:
-        lines = "".join(json.dumps(entry) + "\n" for entry in checked.skipped)
-        (Path(output_dir) / "skipped_samples.jsonl").write_text(lines)
+        listing.write_text("".join(json.dumps(entry) + "\n" for entry in checked.skipped))
 
 
 def main(argv: list[str] | None = None) -> int:

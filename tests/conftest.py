@@ -16,6 +16,14 @@ REFERENCE = Path(os.environ.get("PHI3V_REFERENCE_DIR", REPO.parent / "shared" / 
 OFFICIAL = REFERENCE / "phi35v_official"
 
 
+def flip_bytes(path: Path, count: int = 8) -> None:
+    """Damage ``count`` bytes in the middle of a file, keeping its size (what bit rot or a bad copy does)."""
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + count] = bytes(byte ^ 0xFF for byte in data[middle : middle + count])
+    path.write_bytes(bytes(data))
+
+
 def require_reference(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"{path} is absent: the official reference files live in ../shared on the project machines")

@@ -1,4 +1,5 @@
-"""Checkpoint completeness, `latest`, rotation, and the --output_dir checks made before anything loads."""
+"""Checkpoint completeness and checksums, `latest`, rotation, the training data a checkpoint records, and the
+--output_dir checks made before anything loads."""
 
 from __future__ import annotations
 
@@ -6,41 +7,69 @@ import json
 from pathlib import Path
 
 import pytest
+import xxhash
 
 from phi3v.args import RecipeArguments, parse_args
 from phi3v.checkpoints import (
     MARKER,
+    check_training_data,
+    corruption,
+    file_owner,
     incompleteness,
-    latest_checkpoint,
     mark_complete,
     prepare_output_dir,
     rotate_checkpoints,
 )
 from phi3v.errors import RecipeError
+from tests.conftest import flip_bytes
+
+DATA = {"fingerprint": "a" * 64, "samples": 40, "origin": "train.jsonl"}
 
 
 def write_checkpoint(output_dir: Path, step: int, complete: bool = True) -> Path:
     folder = output_dir / f"checkpoint-{step}"
     (folder / "global_step1").mkdir(parents=True)
-    (folder / "adapter_model.safetensors").write_bytes(b"w" * 100)
+    (folder / "adapter_model.safetensors").write_bytes(bytes(range(256)) * 4)
     (folder / "optimizer.pt").write_bytes(b"o" * 50)
     (folder / "global_step1" / "shard.pt").write_bytes(b"s" * 10)
     (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
     if complete:
-        mark_complete(folder)
+        mark_complete(folder, DATA)
     return folder
 
 
-def test_a_complete_checkpoint_lists_its_files(tmp_path):
+def test_a_complete_checkpoint_lists_its_files_with_sizes_and_checksums(tmp_path):
     folder = write_checkpoint(tmp_path, 4)
-    assert incompleteness(folder) is None
-    files = json.loads((folder / MARKER).read_text())["files"]
+    assert incompleteness(folder) is None and corruption(folder) is None
+    marker = json.loads((folder / MARKER).read_text())
+    files = {name: (entry["size"], entry["xxh3_128"]) for name, entry in marker["files"].items()}
     assert files == {
-        "adapter_model.safetensors": 100,
-        "global_step1/shard.pt": 10,
-        "optimizer.pt": 50,
-        "trainer_state.json": len(json.dumps({"global_step": 4})),
+        name: (len(data), xxhash.xxh3_128(data).hexdigest())
+        for name, data in {
+            "adapter_model.safetensors": bytes(range(256)) * 4,
+            "global_step1/shard.pt": b"s" * 10,
+            "optimizer.pt": b"o" * 50,
+            "trainer_state.json": json.dumps({"global_step": 4}).encode(),
+        }.items()
     }
+    assert marker["training_data"] == DATA
+
+
+def test_flipped_bytes_are_found_by_the_checksum_not_by_the_size(tmp_path):
+    folder = write_checkpoint(tmp_path, 4)
+    flip_bytes(folder / "optimizer.pt")
+    assert incompleteness(folder) is None  # the size did not change
+    assert corruption(folder) == (
+        "optimizer.pt does not match the checksum recorded when it was written (corrupted since)"
+    )
+
+
+def test_each_rank_hashes_and_verifies_the_files_it_wrote():
+    assert [file_owner(name, 4) for name in ("rng_state_2.pth", "rng_state_0.pth", "trainer_state.json")] == [2, 0, 0]
+    shards = ["global_step8/zero_pp_rank_3_mp_rank_00_optim_states.pt", "global_step8/bf16_zero_pp_rank_1_mp_rank_00"
+              "_optim_states.pt", "global_step8/mp_rank_00_model_states.pt", "adapter_model.safetensors"]  # fmt: skip
+    assert [file_owner(name, 4) for name in shards] == [3, 1, 0, 0]
+    assert file_owner("rng_state_5.pth", 4) == 0  # written by a rank this run does not have
 
 
 def test_interrupted_or_damaged_checkpoints_are_incomplete(tmp_path):
@@ -53,16 +82,42 @@ def test_interrupted_or_damaged_checkpoints_are_incomplete(tmp_path):
     assert incompleteness(missing) == "global_step1/shard.pt is missing"
 
 
-def test_latest_skips_a_truncated_newest_checkpoint(tmp_path, caplog):
+def test_latest_skips_truncated_and_corrupted_checkpoints_naming_the_file(tmp_path, caplog):
     write_checkpoint(tmp_path, 4)
     write_checkpoint(tmp_path, 8)
-    newest = write_checkpoint(tmp_path, 12)
-    with open(newest / "adapter_model.safetensors", "r+b") as handle:
+    flip_bytes(write_checkpoint(tmp_path, 12) / "adapter_model.safetensors")
+    truncated = write_checkpoint(tmp_path, 16)
+    with open(truncated / "adapter_model.safetensors", "r+b") as handle:
         handle.truncate(37)  # truncated on purpose
-    write_checkpoint(tmp_path, 16, complete=False)  # the write that was interrupted
-    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-8"
-    assert "checkpoint-16: no completion marker" in caplog.text and "checkpoint-12: adapter_model" in caplog.text
-    assert latest_checkpoint(tmp_path / "nothing-here") is None
+    write_checkpoint(tmp_path, 20, complete=False)  # the write that was interrupted
+    assert prepare_output_dir(args_for(tmp_path, "--resume_from_checkpoint", "latest")) == str(
+        tmp_path / "checkpoint-8"
+    )
+    assert "checkpoint-20: no completion marker" in caplog.text
+    assert "checkpoint-16: adapter_model.safetensors is 37 bytes" in caplog.text
+    assert "checkpoint-12: adapter_model.safetensors does not match the checksum" in caplog.text
+
+
+def test_resume_from_a_corrupted_checkpoint_is_refused(tmp_path):
+    folder = write_checkpoint(tmp_path, 4)
+    flip_bytes(folder / "adapter_model.safetensors")
+    with pytest.raises(RecipeError, match=r"checkpoint-4: adapter_model.safetensors does not match the checksum"):
+        prepare_output_dir(args_for(tmp_path, "--resume_from_checkpoint", str(folder)))
+
+
+def test_resuming_on_other_training_data_stops_unless_told_to_go_on(tmp_path, caplog):
+    folder = write_checkpoint(tmp_path, 4)
+    check_training_data(str(folder), DATA, ignore_change=False)  # the same data: nothing to say
+    cut = {**DATA, "fingerprint": "b" * 64, "samples": 25}
+    with pytest.raises(RecipeError) as error:
+        check_training_data(str(folder), cut, ignore_change=False)
+    assert "it was trained on 40 samples of train.jsonl (fingerprint aaaaaaaaaaaa), the data now has 25" in str(
+        error.value
+    )
+    assert "--ignore_data_change" in str(error.value)
+    with caplog.at_level("WARNING"):
+        check_training_data(str(folder), cut, ignore_change=True)
+    assert "--ignore_data_change: The training data changed since" in caplog.text
 
 
 def test_rotation_keeps_the_newest_complete_ones(tmp_path):

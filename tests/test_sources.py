@@ -140,6 +140,21 @@ def test_local_folders_with_the_same_name_do_not_share_a_cache(tmp_path):
     assert len(load_hub_dataset(str(tmp_path / "a" / "docvqa"), None, "train", "--flag", ["image"])) == 4
 
 
+def test_a_local_folder_rewritten_in_place_gets_a_new_fingerprint(tmp_path):
+    """datasets' own fingerprint names the folder, not what it holds: a mirror regenerated with other rows under
+    the same file names kept it, and the validation cache then served the old folder's result."""
+    from phi3v.sources import load_hub_source
+
+    def fingerprint() -> str:
+        return load_hub_source(str(tmp_path / "docvqa"), None, "train", "--flag", ["image"]).fingerprint
+
+    write_docvqa(tmp_path / "docvqa", num_train=4, num_test=1, seed=1)
+    first = fingerprint()
+    assert fingerprint() == first  # read again, unchanged
+    write_docvqa(tmp_path / "docvqa", num_train=4, num_test=1, seed=2)  # same names, other content
+    assert fingerprint() != first
+
+
 def test_hub_row_schema_problems(tmp_path):
     """An empty answer list would crash the builder hours into a run; the row check names it."""
     from phi3v.sources import load_hub_source
@@ -207,6 +222,40 @@ def test_llava_placeholders_go_with_their_turn(tmp_path):
     assert source.schema_problems(source.rows[2]) == ["2 <image> placeholder(s) for 1 image(s)"]
     assert "must alternate" in source.schema_problems(source.rows[3])[0]
     assert jsonl_conversation(source.rows[4]).turns[0].images == []
+
+
+def test_a_line_that_is_not_utf8_is_a_bad_sample_with_its_line(tmp_path):
+    good = json.dumps({"conversations": [{"images": [], "user": "q", "assistant": "a"}]}).encode()
+    latin1 = (
+        json.dumps({"conversations": [{"images": [], "user": "café", "assistant": "a"}]})
+        .encode()
+        .replace(b"\\u00e9", b"\xe9")
+    )  # "café" as Latin-1 bytes, not UTF-8
+    (tmp_path / "train.jsonl").write_bytes(b"\n".join([good, latin1, good]) + b"\n")
+    source = read_conversations(tmp_path / "train.jsonl", tmp_path)
+    problems = [source.schema_problems(source.rows[i]) for i in source.indices]
+    assert problems[0] == problems[2] == []
+    assert problems[1] == [f"not UTF-8 text (byte 0xe9 at byte {latin1.index(0xE9) + 1} of the line): save the file "
+                           "as UTF-8"]  # fmt: skip
+    assert source.where(1) == f"{tmp_path / 'train.jsonl'}:2"
+
+    records = [{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": v}]} for v in "ab"]
+    text = json.dumps(records, indent=1).encode().replace(b'"b"', b'"\xff"')
+    (tmp_path / "data.json").write_bytes(text)
+    llava = read_conversations(tmp_path / "data.json", tmp_path)
+    line = text[: text.index(b"\xff")].count(b"\n") + 1
+    assert llava.schema_problems(llava.rows[0]) == []
+    assert llava.schema_problems(llava.rows[1])[0].startswith(f"line {line}: not UTF-8 text (byte 0xff at byte ")
+
+
+@pytest.mark.parametrize("name", ["train.json", "train.jsonl"])
+def test_a_byte_order_mark_is_fine_in_both_formats(tmp_path, name):
+    write_custom(tmp_path, num_train=4, num_eval=1)
+    plain = read_conversations(tmp_path / name, tmp_path)
+    (tmp_path / f"bom-{name}").write_bytes(b"\xef\xbb\xbf" + (tmp_path / name).read_bytes())
+    with_bom = read_conversations(tmp_path / f"bom-{name}", tmp_path)
+    assert [with_bom.schema_problems(row) for row in with_bom.rows] == [[]] * 4
+    assert [jsonl_conversation(row) for row in with_bom.rows] == [jsonl_conversation(row) for row in plain.rows]
 
 
 def test_a_broken_llava_file_names_its_line(tmp_path):

@@ -4,9 +4,11 @@ the synthetic datasets they run on."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -60,3 +62,41 @@ def launch_failing(script: str, flags: list[str], ranks: int = 1, timeout: int =
     result = subprocess.run(command, cwd=REPO, env=recipe_env(), capture_output=True, text=True, timeout=timeout)
     assert result.returncode != 0, f"{' '.join(command)} succeeded:\n{result.stderr[-3000:]}"
     return result
+
+
+def descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def wait_until(condition, process: subprocess.Popen, log: Path, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process.poll() is not None:
+            pytest.fail(f"the run ended (status {process.returncode}) before the test could interrupt it:\n"
+                        f"{log.read_text()[-3000:]}")  # fmt: skip
+        if time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"timed out waiting:\n{log.read_text()[-3000:]}")
+        time.sleep(0.02)
+
+
+def kill_everything(process: subprocess.Popen) -> None:
+    """SIGKILL the launcher, its ranks and their dataloader workers at once: a machine that died."""
+    for pid in [*descendants(process.pid), process.pid]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    process.wait()

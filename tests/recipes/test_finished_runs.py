@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,9 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
+import phi3v.predict as predict_module
 from phi3v import Phi3VForCausalLM
+from phi3v.errors import RecipeError
 from phi3v.export import export
 from phi3v.predict import main as predict
 from phi3v.runs import main as runs_table
@@ -106,6 +109,54 @@ def test_a_bfloat16_export(finished, tmp_path):
         assert tensors.get_tensor("lm_head.weight").dtype == torch.bfloat16
 
 
+def test_export_never_overwrites_the_run_its_base_or_a_folder_in_use(finished, tiny_dir, tmp_path):
+    run = finished["lora"]
+    before = {path: path.read_bytes() for path in run.rglob("*") if path.is_file()}
+    for out in (run, run / "export", tiny_dir, tiny_dir / "sub", run.parent):  # the run, its base, inside, above
+        with pytest.raises(RecipeError, match="would overwrite"):
+            export(run, out)
+    assert {path: path.read_bytes() for path in run.rglob("*") if path.is_file()} == before
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "config.json").write_text("mine")
+    (used / "model-00001-of-00002.safetensors").write_bytes(b"a foreign shard")
+    with pytest.raises(RecipeError, match=r"already holds files.*--overwrite"):
+        export(run, used)
+    assert (used / "config.json").read_text() == "mine"
+    export(run, used, overwrite=True, dtype="float32")
+    assert not (used / "model-00001-of-00002.safetensors").exists()  # replaced, not mixed with the new files
+    assert json.loads((used / "config.json").read_text())["model_type"] == "phi3_v"
+    assert not list(tmp_path.glob(".used.partial-*"))  # the temporary folder became --out
+
+
+def test_an_interrupted_export_leaves_no_half_written_folder(finished, tmp_path, monkeypatch):
+    def fail(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("phi3v.export._write_processor_files", fail)  # after the weights were written
+    with pytest.raises(OSError):
+        export(finished["lora"], tmp_path / "export")
+    assert list(tmp_path.iterdir()) == []
+
+
+def moved_base_run(finished: dict[str, Path], tmp_path: Path) -> Path:
+    """A copy of the LoRA run whose base model folder is gone (moved after training)."""
+    run = tmp_path / "run"
+    shutil.copytree(finished["lora"], run)
+    config = json.loads((run / "adapter_config.json").read_text())
+    (run / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(tmp_path / "gone")}))
+    return run
+
+
+def test_a_moved_base_model_is_named_with_the_way_out(finished, tiny_dir, tmp_path, capsys):
+    run = moved_base_run(finished, tmp_path)
+    with pytest.raises(RecipeError, match=r"does not exist: it was moved or deleted. Pass --base"):
+        export(run, tmp_path / "export")
+    assert predict(["--model", str(run), "--question", "Hi", "--max_new_tokens", "2"]) == 1
+    assert f"The base model of this LoRA run, {tmp_path / 'gone'}" in capsys.readouterr().err
+    assert predict(["--model", str(run), "--base", str(tiny_dir), "--question", "Hi", "--max_new_tokens", "2"]) == 0
+
+
 def ask(model: Path, *images: Path) -> list[str]:
     arguments = ["--model", str(model), "--question", "What colour is the shape?", "--max_new_tokens", "4"]
     for image in images:
@@ -144,6 +195,38 @@ def test_predict_batches_a_questions_file(finished, tmp_path):
     assert (
         predict(["--model", str(finished["full"]), "--questions", str(tmp_path / "bad.jsonl"), "--answers", "x"]) == 1
     )
+
+
+def test_predict_checks_every_image_before_the_model_loads(tmp_path, capsys):
+    Image.new("RGB", (64, 48), "red").save(tmp_path / "red.png")
+    (tmp_path / "notes.png").write_text("not a picture")
+    questions = [{"images": ["red.png"], "question": "Colour?"}, {"images": ["red.png", "notes.png"], "question": "?"}]
+    (tmp_path / "questions.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
+    arguments = ["--questions", str(tmp_path / "questions.jsonl"), "--answers", str(tmp_path / "answers.jsonl")]
+    assert predict(["--model", str(tmp_path / "no-model-here"), *arguments]) == 1  # the model is never opened
+    error = capsys.readouterr().err
+    assert f"{tmp_path / 'questions.jsonl'}:2: image 2 ({tmp_path / 'notes.png'}): not an image file" in error
+    assert not (tmp_path / "answers.jsonl").exists()
+
+
+def test_predict_keeps_the_answers_it_computed_before_an_error(finished, tmp_path, monkeypatch, capsys):
+    Image.new("RGB", (64, 48), "red").save(tmp_path / "red.png")
+    questions = [{"id": f"q{k}", "images": ["red.png"], "question": "Colour?"} for k in range(3)]
+    (tmp_path / "questions.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
+    real_ask, calls = predict_module.ask, []
+
+    def ask_then_fail(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # the third batch: the image changed on disk since it was checked, say
+            raise RecipeError("Evaluation sample questions row 0: image 1 (red.png): corrupt or truncated image data")
+        return real_ask(*args, **kwargs)
+
+    monkeypatch.setattr(predict_module, "ask", ask_then_fail)
+    arguments = ["--model", str(finished["full"]), "--questions", str(tmp_path / "questions.jsonl")]
+    assert predict([*arguments, "--answers", str(tmp_path / "answers.jsonl"), "--batch_size", "1"]) == 1
+    answers = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
+    assert [answer["id"] for answer in answers] == ["q0", "q1"]
+    assert f"The answers to the first 2 questions are in {tmp_path / 'answers.jsonl'}" in capsys.readouterr().err
 
 
 def test_every_run_reports_what_it_did(finished):

@@ -7,10 +7,8 @@ several reference answers, so the data order and every random choice must really
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +18,7 @@ from safetensors.torch import load_file
 from phi3v.checkpoints import MARKER, incompleteness
 from phi3v.synthetic import write_docvqa
 from tests.conftest import REPO
-from tests.recipes.conftest import launch, recipe_command, recipe_env
+from tests.recipes.conftest import kill_everything, launch, recipe_command, recipe_env, wait_until
 
 SCRIPT = "finetune_hf_trainer_docvqa.py"
 MAX_STEPS = 20
@@ -84,47 +82,9 @@ def uninterrupted(tiny_dir, docvqa, tmp_path_factory) -> dict[str, Path]:
     return run
 
 
-def descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
 def start(mode: str, flags: list[str], log: Path) -> subprocess.Popen:
     command = recipe_command(SCRIPT, flags, MODES[mode][1])
     return subprocess.Popen(command, cwd=REPO, env=recipe_env(), stdout=log.open("w"), stderr=subprocess.STDOUT)
-
-
-def wait_until(condition, process: subprocess.Popen, log: Path, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if process.poll() is not None:
-            pytest.fail(f"the run ended (status {process.returncode}) before the test could interrupt it:\n"
-                        f"{log.read_text()[-3000:]}")  # fmt: skip
-        if time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"timed out waiting:\n{log.read_text()[-3000:]}")
-        time.sleep(0.02)
-
-
-def kill_everything(process: subprocess.Popen) -> None:
-    """SIGKILL the launcher, its ranks and their dataloader workers at once: a machine that died."""
-    for pid in [*descendants(process.pid), process.pid]:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    process.wait()
 
 
 def logged_losses(output_dir: Path) -> list[float]:

@@ -1,0 +1,217 @@
+"""A run that fails ends within seconds, with one message that says what happened and how to go on.
+
+Whatever goes wrong while loading, training, saving or evaluating:
+- the process that hit the error logs it once: the error, the optimizer step, the checkpoint being
+  written, the sample or file when known, and the command that resumes from the last complete checkpoint.
+  A process whose collective failed because another one died or hung says only that, in one line;
+- its dataloader workers are killed, not waited for (they ignore stop signals, see ``phi3v.preemption``,
+  and multiprocessing would otherwise wait for them forever at exit);
+- a stop signal arriving now ends the process at once instead of promising a checkpoint;
+- the process exits with status 1, within ``EXIT_DEADLINE_S`` seconds even when cleanup hangs.
+"""
+
+from __future__ import annotations
+
+import atexit
+import errno
+import logging
+import multiprocessing
+import os
+import re
+import shlex
+import shutil
+import signal
+import sys
+import threading
+import traceback
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from .errors import RecipeError
+
+logger = logging.getLogger("phi3v")
+
+EXIT_DEADLINE_S = 20  # after the message: cleanup that takes longer is cut short
+NEARLY_FULL_BYTES = 64 * 1024**2  # less free space than this after a failed write: the disk filled up
+WORKER_TRACEBACK = "Original Traceback (most recent call last):"
+# What a collective raises when another process died (gloo, NCCL) or did not answer in time.
+PEER_GONE = re.compile(r"Connection (closed|reset) by peer|remote worker crashing|Broken pipe|communicator was abort")
+PEER_TIMEOUT = re.compile(r"Timed out waiting|Watchdog caught collective operation timeout")
+COLLECTIVE_BACKEND = re.compile(r"gloo|NCCL|c10d|ProcessGroup")
+
+
+class RunProgress(TrainerCallback):
+    """Where the run is, for the message if it fails: the phase, the optimizer step, the checkpoint being written.
+
+    It must be the last callback: the ones before it may ask for a checkpoint in ``on_step_end``."""
+
+    def __init__(self, output_dir: str | Path):
+        self.output_dir = Path(output_dir)
+        self.phase = "loading"
+        self.step: int | None = None  # the optimizer step being computed
+        self.writing: Path | None = None  # the checkpoint being written
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.phase = "training"
+        return control
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.step = state.global_step + 1
+        return control
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.step = state.global_step
+        if control.should_save:
+            self.writing = self.output_dir / f"checkpoint-{state.global_step}"
+        return control
+
+    def on_save(self, args, state, control, **kwargs):
+        self.writing = None
+        return control
+
+    @property
+    def collective(self) -> bool:
+        """Before training every check is decided alike on every rank, so the main process alone reports it."""
+        return self.phase == "loading"
+
+
+def failure_message(error: BaseException, progress: RunProgress, checkpoint: Path | None) -> str:
+    """What failed, where, and what to do; ``checkpoint`` is the newest complete one (None: there is none)."""
+    where = [f"while {progress.phase}"]
+    if progress.step is not None and progress.phase == "training":
+        where.append(f"at optimizer step {progress.step}")
+    if progress.writing is not None:
+        where.append(f"writing {progress.writing}")
+    peer = peer_problem(error)
+    if peer is None:
+        what = error_text(error)
+    else:
+        what = f"{peer} (its own error, if it could report one, is in its log): {_short(error)}"
+    lines = [f"The run failed {', '.join(where)}:", f"  {what}"]
+    if disk_full(error, progress):
+        lines.append(f"The disk holding {progress.output_dir} is full: free space (df -h {progress.output_dir}) or "
+                     "use another --output_dir.")  # fmt: skip
+    if progress.phase == "loading":
+        lines.append("Nothing was trained: rerun the command once this is fixed.")
+    elif checkpoint is not None:
+        lines.append(f"The last complete checkpoint is {checkpoint}. Continue from it with:")
+        lines.append(f"  {resume_command()}")
+    else:
+        lines.append(
+            "No complete checkpoint was written (--save_steps N writes them), so a rerun starts over:"
+            f"\n  {resume_command()}"
+        )
+    return "\n".join(lines)
+
+
+def error_text(error: BaseException) -> str:
+    """The error as one reads it: a dataloader worker's error without PyTorch's wrapping around it."""
+    text = str(error)
+    if WORKER_TRACEBACK in text:
+        last_line = text.rstrip().splitlines()[-1]
+        start = text.rfind(f"{type(error).__module__}.{type(error).__qualname__}: ")
+        if isinstance(error, RecipeError) and start >= 0:
+            return text[start:].split(": ", 1)[1].strip()
+        return f"{type(error).__name__} in a dataloader worker: {last_line}"
+    return text if isinstance(error, RecipeError) else f"{type(error).__name__}: {text}"
+
+
+def disk_full(error: BaseException, progress: RunProgress) -> bool:
+    """The error is, or while writing looks like, a full disk (torch.save then only says "iostream error")."""
+    # safetensors reports it in its own error type, with the OS error in the message
+    if getattr(error, "errno", None) == errno.ENOSPC or "No space left on device" in str(error):
+        return True
+    writing = progress.writing is not None or progress.phase.startswith("saving")
+    try:
+        return writing and shutil.disk_usage(progress.output_dir).free < NEARLY_FULL_BYTES
+    except OSError:
+        return False
+
+
+def peer_problem(error: BaseException) -> str | None:
+    """Why a collective failed when the cause is another process (gone, or not answering), else None."""
+    text = str(error)
+    from_collective = COLLECTIVE_BACKEND.search(text) or type(error).__name__.startswith("Dist")
+    if _world_size() < 2 or not from_collective:
+        return None
+    if PEER_GONE.search(text):
+        return "another process of the run died"
+    if PEER_TIMEOUT.search(text):
+        return "another process of the run did not answer within --ddp_timeout"
+    return None
+
+
+def resume_command(argv: list[str] | None = None) -> str:
+    """The command line of this run, resuming from the newest complete checkpoint (never overwriting it)."""
+    argv = list(sys.argv if argv is None else argv)
+    flags, skip_value = [], False
+    for item in argv[1:]:
+        if skip_value:
+            skip_value = False
+        elif item == "--resume_from_checkpoint":
+            skip_value = True
+        elif not item.startswith(("--resume_from_checkpoint=", "--overwrite_output_dir")):
+            flags.append(item)
+    command = [argv[0], *flags, "--resume_from_checkpoint", "latest"]
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return shlex.join(["python", *command])
+    local, world = int(os.environ.get("LOCAL_WORLD_SIZE", "1")), _world_size()
+    nodes = f"--nnodes={world // local} [your rendezvous options] " if world > local else ""
+    return f"torchrun {nodes}--nproc_per_node={local} {shlex.join(command)}"
+
+
+def report_failure(error: BaseException, progress: RunProgress, checkpoint: Path | None, rank: int) -> None:
+    """Log the failure once. A collective that failed because of another process: one line, except on rank 0,
+    which also says how to resume (the other may have died without a word: killed for memory, say). An
+    expected problem (data, flags, disk) without a traceback."""
+    peer = peer_problem(error)
+    if peer is not None and rank != 0:
+        logger.error("Rank %d stops: %s: %s", rank, peer, _short(error))
+        return
+    if peer is None and not isinstance(error, (RecipeError, OSError)) and not disk_full(error, progress):
+        # not a problem of the data, flags or disk: the traceback is what a bug report needs
+        logger.error("Rank %d failed:\n%s", rank, "".join(traceback.format_exception(error)).rstrip())
+    prefix = f"Rank {rank}: " if _world_size() > 1 else ""
+    logger.error("%s%s", prefix, failure_message(error, progress, checkpoint))
+
+
+def _short(error: BaseException) -> str:
+    return re.sub(r"^\[[^\]]*\]\s*", "", str(error)).split(". ")[0]  # without gloo's source location
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def end_child_processes() -> None:
+    """Kill this process's dataloader workers (and any other daemonic child) now.
+
+    They ignore SIGTERM and SIGINT, so multiprocessing's exit handler, which sends SIGTERM and then waits,
+    would wait forever for a worker whose loader was never shut down (the loader of a failed step)."""
+    if threading.current_thread() is threading.main_thread():
+        # PyTorch's SIGCHLD handler raises in the main thread when it sees a worker of a live loader die
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    children = [child for child in multiprocessing.active_children() if child.daemon]
+    for child in children:
+        child.kill()
+    for child in children:
+        child.join(timeout=5)
+
+
+def install_exit_handler() -> None:
+    """End dataloader workers at every exit, before multiprocessing's handler (registered earlier, so run later)
+    would wait for them."""
+    atexit.register(end_child_processes)
+
+
+def exit_within(seconds: float, code: int) -> None:
+    """Exit with ``code`` after ``seconds`` whatever the main thread is doing (a collective, a join, a flush)."""
+
+    def force_exit() -> None:
+        os.write(2, f"Cleanup after the failure took over {seconds:.0f} s: exiting now.\n".encode())
+        os._exit(code)
+
+    timer = threading.Timer(seconds, force_exit)
+    timer.daemon = True
+    timer.start()
