@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +28,8 @@ from accelerate import PartialState
 from transformers import TrainerCallback
 
 from .args import RecipeArguments
-from .distributed import barrier, from_main_process, gathered
-from .errors import RecipeError
+from .distributed import barrier, decided_on_main, gathered
+from .errors import RecipeError, SharedError
 from .validate import SKIPPED_SAMPLES
 
 logger = logging.getLogger(__name__)
@@ -119,15 +120,16 @@ def _fsync_folder(folder: Path) -> None:
 
 
 def read_marker(checkpoint: Path) -> dict[str, Any]:
-    """The marker's content; raises FileNotFoundError, OSError or ValueError when it is missing or unreadable."""
+    """The marker, each file's entry as ``{"size", "xxh3_128"}`` (markers written before checksums existed
+    list sizes only); raises FileNotFoundError, OSError or ValueError when it is missing or unreadable."""
     marker = json.loads((checkpoint / MARKER).read_text())
-    if not isinstance(marker.get("files"), dict):
+    files = marker.get("files") if isinstance(marker, dict) else None
+    if not isinstance(files, dict):
         raise ValueError("no file list")
+    marker["files"] = {name: {"size": entry} if isinstance(entry, int) else entry for name, entry in files.items()}
+    if not all(isinstance(entry, dict) and isinstance(entry.get("size"), int) for entry in marker["files"].values()):
+        raise ValueError("a file without its size")
     return marker
-
-
-def _entry(value: int | dict) -> dict[str, Any]:
-    return {"size": value} if isinstance(value, int) else value  # markers written before checksums: sizes only
 
 
 def incompleteness(checkpoint: Path) -> str | None:
@@ -138,24 +140,33 @@ def incompleteness(checkpoint: Path) -> str | None:
         files = read_marker(checkpoint)["files"]
     except FileNotFoundError:
         return "no completion marker: it was interrupted while being written"
-    except (OSError, ValueError, KeyError, AttributeError) as error:
+    except (OSError, ValueError) as error:
         return f"unreadable completion marker ({error})"
-    for name, value in files.items():
-        path, size = checkpoint / name, _entry(value)["size"]
+    for name, entry in files.items():
+        path = checkpoint / name
         if not path.is_file():
             return f"{name} is missing"
-        if path.stat().st_size != size:
-            return f"{name} is {path.stat().st_size} bytes, {size} when it was written (truncated or replaced)"
+        if path.stat().st_size != entry["size"]:
+            return f"{name} is {path.stat().st_size} bytes, {entry['size']} when it was written (truncated or replaced)"
     return None
 
 
 def corruption(checkpoint: Path, rank: int = 0, world_size: int = 1) -> str | None:
     """The first file of those ``rank`` verifies whose content no longer has its recorded checksum, or None."""
-    for name, value in read_marker(checkpoint)["files"].items():
-        expected = _entry(value).get(CHECKSUM)
-        if expected is not None and file_owner(name, world_size) == rank:
-            if file_checksum(checkpoint / name) != expected:
-                return f"{name} does not match the checksum recorded when it was written (corrupted since)"
+    try:
+        files = read_marker(checkpoint)["files"]
+    except (OSError, ValueError) as error:
+        return f"unreadable completion marker ({error})"
+    for name, entry in files.items():
+        expected = entry.get(CHECKSUM)
+        if expected is None or file_owner(name, world_size) != rank:
+            continue
+        try:
+            matches = file_checksum(checkpoint / name) == expected
+        except OSError as error:
+            return f"{name} cannot be read ({error})"
+        if not matches:
+            return f"{name} does not match the checksum recorded when it was written (corrupted since)"
     return None
 
 
@@ -215,17 +226,15 @@ def prepare_output_dir(args: RecipeArguments) -> str | None:
     run resumes or --overwrite_output_dir clears them. Decided on the main process, the same on every rank;
     the checksums of a checkpoint to resume from are checked by every rank, each its own files.
     """
-    outcome = from_main_process(_decide(args) if PartialState().is_main_process else None)
-    if isinstance(outcome, RecipeError):
-        raise outcome
+    outcome = decided_on_main(partial(_decide, args))
     if isinstance(outcome, list):
         outcome = _verified_resume_point(outcome, Path(args.output_dir), args.resume_from_checkpoint != "latest")
     barrier()  # the main process may have removed old checkpoints
     return outcome
 
 
-def _decide(args: RecipeArguments) -> list[str] | RecipeError | None:
-    """A RecipeError, None (a fresh start) or the checkpoints to resume from, best first."""
+def _decide(args: RecipeArguments) -> list[str] | None:
+    """None (a fresh start) or the checkpoints to resume from, best first; raises when the run may not start."""
     output_dir = Path(args.output_dir)
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -233,14 +242,15 @@ def _decide(args: RecipeArguments) -> list[str] | RecipeError | None:
         probe.write_text("")
         probe.unlink()
     except OSError as error:
-        return RecipeError(f"--output_dir {output_dir} cannot be written ({error}). Pick a folder you can write to.")
+        message = f"--output_dir {output_dir} cannot be written ({error}). Pick a folder you can write to."
+        raise RecipeError(message) from None
     if args.resume_from_checkpoint is not None:
         return _resume_candidates(args, output_dir)
     finished = (output_dir / "eval_after.json").exists()
     checkpoints = checkpoint_folders(output_dir)
     if (finished or checkpoints) and not args.overwrite_output_dir:
         what = "a finished run (eval_after.json)" if finished else f"checkpoints ({checkpoints[-1][1].name} ...)"
-        return RecipeError(
+        raise RecipeError(
             f"--output_dir {output_dir} already holds {what}. Resume it with --resume_from_checkpoint latest, "
             "pass --overwrite_output_dir to start over (its checkpoints and results are deleted), or pick "
             "another --output_dir."
@@ -257,14 +267,12 @@ def _decide(args: RecipeArguments) -> list[str] | RecipeError | None:
     return None
 
 
-def _resume_candidates(args: RecipeArguments, output_dir: Path) -> list[str] | RecipeError | None:
+def _resume_candidates(args: RecipeArguments, output_dir: Path) -> list[str] | None:
     if args.resume_from_checkpoint != "latest":
         checkpoint = Path(args.resume_from_checkpoint)
         problem = incompleteness(checkpoint) if checkpoint.is_dir() else "no such folder"
         if problem is not None:
-            return RecipeError(
-                f"--resume_from_checkpoint {checkpoint}: {problem}. Pass another checkpoint or 'latest'."
-            )
+            raise RecipeError(f"--resume_from_checkpoint {checkpoint}: {problem}. Pass another checkpoint or 'latest'.")
         return [str(checkpoint)]
     candidates = []
     for _, folder in reversed(checkpoint_folders(output_dir)):
@@ -284,10 +292,7 @@ def _verified_resume_point(candidates: list[str], output_dir: Path, explicit: bo
     state = PartialState()
     for candidate in candidates:
         started = time.monotonic()
-        try:
-            mine = corruption(Path(candidate), state.process_index, state.num_processes)
-        except (OSError, ValueError) as error:
-            mine = f"unreadable completion marker ({error})"
+        mine = corruption(Path(candidate), state.process_index, state.num_processes)
         problems = [problem for problem in gathered([mine]) if problem]
         if not problems:
             if state.is_main_process:
@@ -295,7 +300,7 @@ def _verified_resume_point(candidates: list[str], output_dir: Path, explicit: bo
                 _drop_later_checkpoints(Path(candidate), output_dir)
             return candidate
         if explicit:
-            raise RecipeError(f"--resume_from_checkpoint {candidate}: {problems[0]}. Pass another checkpoint or "
+            raise SharedError(f"--resume_from_checkpoint {candidate}: {problems[0]}. Pass another checkpoint or "
                               "'latest'.")  # fmt: skip
         if state.is_main_process:
             logger.warning("Not resuming from %s: %s.", candidate, problems[0])
@@ -329,11 +334,11 @@ def _drop_later_checkpoints(checkpoint: Path, output_dir: Path) -> None:
 def check_training_data(checkpoint: str, current: dict, ignore_change: bool) -> None:
     """Stop (or, with ``ignore_change``, warn) when ``checkpoint`` was trained on other data than ``current``
     (``{"fingerprint", "samples", "origin"}``). Decided on the main process, the same on every rank."""
-    problem = from_main_process(_data_change(Path(checkpoint), current) if PartialState().is_main_process else None)
+    problem = decided_on_main(partial(_data_change, Path(checkpoint), current))
     if problem is None:
         return
     if not ignore_change:
-        raise RecipeError(
+        raise SharedError(
             f"{problem} Resuming would continue at the checkpoint's position in other samples. Restore the data, "
             "start a new run (another --output_dir, or --overwrite_output_dir), or pass --ignore_data_change to "
             "resume anyway."
@@ -349,8 +354,10 @@ def _data_change(checkpoint: Path, current: dict) -> str | None:
         return None
     if recorded["fingerprint"] == current["fingerprint"]:
         return None
+    other = " with other content" if recorded["samples"] == current["samples"] else ""
     return (
         f"The training data changed since {checkpoint} was written: it was trained on {recorded['samples']} samples "
-        f"of {recorded['origin']} (fingerprint {recorded['fingerprint'][:12]}), the data now has {current['samples']} "
-        f"(fingerprint {current['fingerprint'][:12]})."
+        f"of {recorded['origin']} (fingerprint {recorded['fingerprint'][:12]}), the data now has {current['samples']}"
+        f"{other} (fingerprint {current['fingerprint'][:12]}; it covers the data files' names and sizes, a "
+        "conversation file's text, and the samples kept)."
     )

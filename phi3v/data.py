@@ -181,7 +181,7 @@ class TrainingSamples(torch.utils.data.Dataset):
 
     def identity(self) -> dict[str, Any]:
         """What a checkpoint records of the data it was trained on, to notice a resume on other data."""
-        rows = json.dumps([self.source.fingerprint, self.rows])
+        rows = json.dumps([self.source.identity or self.source.fingerprint, self.rows])
         fingerprint = hashlib.sha256(rows.encode()).hexdigest()
         return {"fingerprint": fingerprint, "samples": len(self.rows), "origin": self.source.origin}
 

@@ -10,12 +10,15 @@ or hangs ends the run in minutes rather than after the 30 minutes torch waits by
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from accelerate import PartialState
+
+from .errors import SharedError
 
 LOADING_TIMEOUT = timedelta(hours=2)
 
@@ -28,6 +31,22 @@ def set_collective_timeout(seconds: float) -> None:
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def decided_on_main(decide: Callable[[], Any]) -> Any:
+    """``decide()`` run on the main process, its result on every rank. When it raises, every rank raises too
+    (the others a SharedError), so none waits for a broadcast that never comes."""
+    if not PartialState().is_main_process:
+        failed, value = from_main_process(None)
+        if failed:
+            raise SharedError(f"The main process stopped: {value}")
+        return value
+    try:
+        value = decide()
+    except Exception as error:
+        from_main_process((True, f"{type(error).__name__}: {error}"))
+        raise
+    return from_main_process((False, value))[1]
 
 
 def from_main_process(value: Any) -> Any:

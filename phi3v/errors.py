@@ -7,3 +7,7 @@ where (file, line, row, flag) and what to do.
 
 class RecipeError(Exception):
     pass
+
+
+class SharedError(RecipeError):
+    """A problem every rank finds at once, from a decision they share: the main process alone reports it."""

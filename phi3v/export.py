@@ -64,7 +64,7 @@ def export(
     model_dir: str | Path, out: str | Path, base: str | None = None, dtype: str = "bfloat16", overwrite: bool = False
 ) -> float:
     """Write the standalone folder; returns the largest logit difference between it and the run."""
-    model_dir, out = Path(model_dir), Path(out)
+    model_dir, out = Path(model_dir), Path(out).resolve()  # resolved: "." has no name to put a temporary folder beside
     check_destination(out, [model_dir, Path(base or run_base_model(model_dir) or model_dir)], overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.parent / f".{out.name}.partial-{os.getpid()}"

@@ -28,11 +28,14 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from .errors import RecipeError
+from .checkpoints import newest_complete
+from .errors import RecipeError, SharedError
 
 logger = logging.getLogger("phi3v")
 
 EXIT_DEADLINE_S = 20  # after the message: cleanup that takes longer is cut short
+SAVING = "saving the trained model"
+BOOLEAN_VALUES = ("true", "false", "yes", "no", "1", "0", "t", "f", "y", "n")  # what a flag like --x true takes
 NEARLY_FULL_BYTES = 64 * 1024**2  # less free space than this after a failed write: the disk filled up
 WORKER_TRACEBACK = "Original Traceback (most recent call last):"
 # What a collective raises when another process died (gloo, NCCL) or did not answer in time.
@@ -41,16 +44,24 @@ PEER_TIMEOUT = re.compile(r"Timed out waiting|Watchdog caught collective operati
 COLLECTIVE_BACKEND = re.compile(r"gloo|NCCL|c10d|ProcessGroup")
 
 
+LOADING = "loading"
+PREPARING = "preparing the model for training"
+# Phases whose problems every rank finds alike (flags, data, output folder, what trains): told once.
+COLLECTIVE_PHASES = (LOADING, PREPARING)
+
+
 class RunProgress(TrainerCallback):
-    """Where the run is, for the message if it fails: the phase, the optimizer step, the checkpoint being written.
+    """Where the run is, for the message if it fails: the phase, the optimizer step, the checkpoint being
+    written, whether the trained model is saved.
 
     It must be the last callback: the ones before it may ask for a checkpoint in ``on_step_end``."""
 
     def __init__(self, output_dir: str | Path):
         self.output_dir = Path(output_dir)
-        self.phase = "loading"
+        self.phase = LOADING
         self.step: int | None = None  # the optimizer step being computed
         self.writing: Path | None = None  # the checkpoint being written
+        self.model_saved = False  # the trained model is in output_dir
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.phase = "training"
@@ -72,8 +83,13 @@ class RunProgress(TrainerCallback):
 
     @property
     def collective(self) -> bool:
-        """Before training every check is decided alike on every rank, so the main process alone reports it."""
-        return self.phase == "loading"
+        return self.phase in COLLECTIVE_PHASES
+
+
+def reported_here(error: BaseException, progress: RunProgress, is_main_process: bool) -> bool:
+    """Whether this process reports ``error``: a problem every rank has alike only on the main process."""
+    shared = isinstance(error, SharedError) or (isinstance(error, RecipeError) and progress.collective)
+    return is_main_process or not shared
 
 
 def failure_message(error: BaseException, progress: RunProgress, checkpoint: Path | None) -> str:
@@ -92,8 +108,12 @@ def failure_message(error: BaseException, progress: RunProgress, checkpoint: Pat
     if disk_full(error, progress):
         lines.append(f"The disk holding {progress.output_dir} is full: free space (df -h {progress.output_dir}) or "
                      "use another --output_dir.")  # fmt: skip
-    if progress.phase == "loading":
-        lines.append("Nothing was trained: rerun the command once this is fixed.")
+    if progress.collective:
+        lines.append("Rerun the command once this is fixed.")
+    elif progress.model_saved:
+        lines.append(f"The trained model is saved in {progress.output_dir}, but not evaluated. A rerun would train "
+                     "it again" + (f" from {checkpoint}" if checkpoint else " from the start") + " and replace it: "
+                     "copy it elsewhere first.")  # fmt: skip
     elif checkpoint is not None:
         lines.append(f"The last complete checkpoint is {checkpoint}. Continue from it with:")
         lines.append(f"  {resume_command()}")
@@ -122,7 +142,7 @@ def disk_full(error: BaseException, progress: RunProgress) -> bool:
     # safetensors reports it in its own error type, with the OS error in the message
     if getattr(error, "errno", None) == errno.ENOSPC or "No space left on device" in str(error):
         return True
-    writing = progress.writing is not None or progress.phase.startswith("saving")
+    writing = progress.writing is not None or progress.phase.startswith(SAVING)
     try:
         return writing and shutil.disk_usage(progress.output_dir).free < NEARLY_FULL_BYTES
     except OSError:
@@ -145,13 +165,17 @@ def peer_problem(error: BaseException) -> str | None:
 def resume_command(argv: list[str] | None = None) -> str:
     """The command line of this run, resuming from the newest complete checkpoint (never overwriting it)."""
     argv = list(sys.argv if argv is None else argv)
-    flags, skip_value = [], False
+    flags, dropping = [], None
     for item in argv[1:]:
-        if skip_value:
-            skip_value = False
-        elif item == "--resume_from_checkpoint":
-            skip_value = True
-        elif not item.startswith(("--resume_from_checkpoint=", "--overwrite_output_dir")):
+        if dropping is not None and not item.startswith("--"):
+            if dropping == "--resume_from_checkpoint" or item.lower() in BOOLEAN_VALUES:
+                dropping = None
+                continue
+        dropping = None
+        name = item.split("=", 1)[0]
+        if name in ("--resume_from_checkpoint", "--overwrite_output_dir"):
+            dropping = name if "=" not in item else None
+        else:
             flags.append(item)
     command = [argv[0], *flags, "--resume_from_checkpoint", "latest"]
     if "TORCHELASTIC_RUN_ID" not in os.environ:
@@ -161,19 +185,23 @@ def resume_command(argv: list[str] | None = None) -> str:
     return f"torchrun {nodes}--nproc_per_node={local} {shlex.join(command)}"
 
 
-def report_failure(error: BaseException, progress: RunProgress, checkpoint: Path | None, rank: int) -> None:
+def report_failure(error: BaseException, progress: RunProgress, output_dir: str | Path, rank: int) -> None:
     """Log the failure once. A collective that failed because of another process: one line, except on rank 0,
     which also says how to resume (the other may have died without a word: killed for memory, say). An
-    expected problem (data, flags, disk) without a traceback."""
-    peer = peer_problem(error)
-    if peer is not None and rank != 0:
-        logger.error("Rank %d stops: %s: %s", rank, peer, _short(error))
-        return
-    if peer is None and not isinstance(error, (RecipeError, OSError)) and not disk_full(error, progress):
-        # not a problem of the data, flags or disk: the traceback is what a bug report needs
-        logger.error("Rank %d failed:\n%s", rank, "".join(traceback.format_exception(error)).rstrip())
-    prefix = f"Rank {rank}: " if _world_size() > 1 else ""
-    logger.error("%s%s", prefix, failure_message(error, progress, checkpoint))
+    expected problem (data, flags, disk) without a traceback. Whatever goes wrong here, the error is logged."""
+    try:
+        peer = peer_problem(error)
+        if peer is not None and rank != 0:
+            logger.error("Rank %d stops: %s: %s", rank, peer, _short(error))
+            return
+        if peer is None and not isinstance(error, (RecipeError, OSError)) and not disk_full(error, progress):
+            # not a problem of the data, flags or disk: the traceback is what a bug report needs
+            logger.error("Rank %d failed:\n%s", rank, "".join(traceback.format_exception(error)).rstrip())
+        prefix = f"Rank {rank}: " if _world_size() > 1 else ""
+        logger.error("%s%s", prefix, failure_message(error, progress, newest_complete(output_dir)))
+    except Exception as reporting_error:  # never let the report hide the error itself
+        logger.error("Rank %d failed (and describing it failed too: %r):\n%s", rank, reporting_error,
+                     "".join(traceback.format_exception(error)).rstrip())  # fmt: skip
 
 
 def _short(error: BaseException) -> str:

@@ -25,7 +25,7 @@ import torch
 from transformers import TrainerCallback
 
 from .distributed import any_rank, gathered
-from .errors import RecipeError
+from .errors import RecipeError, SharedError
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ class LossGuard(TrainerCallback):
         if bool(any_rank(nonfinite)):
             self.streak.append((state.global_step, gathered(self.step_rows)))
             if len(self.streak) >= NONFINITE_PATIENCE:
-                raise RecipeError(self._message())
+                raise SharedError(self._message())  # every rank sees the same streak
         else:
             self.streak = []
         self.step_nonfinite, self.step_rows = None, []
@@ -176,8 +176,9 @@ class UnreadableSamples(TrainerCallback):
         if not self.skip:
             first = unreadable[0]
             raise RecipeError(
-                f"Training sample {first['where']} cannot be read: {first['problem']}. Restore the file and resume, "
-                "or resume with --skip_bad_samples to skip such samples (counted, and listed in skipped_samples.jsonl)."
+                f"Training sample {first['where']} cannot be read: {first['problem']} Restore the file and resume. "
+                "To drop such samples instead, resume with --skip_bad_samples --ignore_data_change (the samples "
+                "dropped change the data the run goes on with)."
             )
         with open(self.listing, "a") as listing:
             for entry in unreadable:

@@ -69,7 +69,7 @@ def load_trained(
     if is_lora:
         if base is None:
             raise RecipeError(f"{model_dir}/adapter_config.json names no base model: pass --base.")
-        _require_base(base, model_dir, given)
+        base = _base_model(base, model_dir, given)
         model = PeftModel.from_pretrained(Phi3VForCausalLM.from_pretrained(base, **kwargs), model_dir)
     else:
         model = Phi3VForCausalLM.from_pretrained(model_dir, **kwargs)
@@ -81,16 +81,28 @@ def load_trained(
 HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 
 
-def _require_base(base: str, model_dir: Path, given: bool) -> None:
-    """A LoRA run's base model must be a folder that exists, or a hub id (which the hub may provide)."""
-    if Path(base).exists() or (HUB_ID.match(base) and not base.startswith(".")):
-        return
+def _base_model(base: str, model_dir: Path, given: bool) -> str:
+    """Where a LoRA run's base model is: ``base`` when it exists or is a hub id; for a run trained from a local
+    folder, that folder as run_args.json recorded it (a relative path then works from any folder)."""
+    recorded = None if given else _recorded_model_folder(model_dir)
+    if Path(base).exists():
+        return base
+    if recorded is not None and Path(recorded).is_dir():
+        return recorded
+    if recorded is None and HUB_ID.match(base) and not base.startswith("."):
+        return base  # a hub id: the hub (or its cache) provides it
     if given:
         raise RecipeError(f"--base {base}: no such folder.")
     raise RecipeError(
-        f"The base model of this LoRA run, {base} (named in {model_dir / 'adapter_config.json'}), does not exist: "
-        "it was moved or deleted. Pass --base with the folder (or hub id) of that model."
+        f"The base model of this LoRA run, {recorded or base} (named in {model_dir / 'adapter_config.json'}), does "
+        "not exist: it was moved or deleted. Pass --base with the folder (or hub id) of that model."
     )
+
+
+def _recorded_model_folder(model_dir: Path) -> str | None:
+    """The absolute folder --model_name_or_path named when the run started, if it was a local folder."""
+    run_args = model_dir / "run_args.json"
+    return json.loads(run_args.read_text()).get("model_folder") if run_args.is_file() else None
 
 
 def _itself(conversation: Conversation) -> Conversation:

@@ -27,7 +27,7 @@ import transformers
 from accelerate import PartialState
 
 from .args import REPO_ROOT, RecipeArguments, gradient_accumulation_steps
-from .checkpoints import check_training_data, newest_complete, prepare_output_dir
+from .checkpoints import check_training_data, prepare_output_dir
 from .console import available_cpus
 from .data import Conversation, EvaluationSamples, TrainingSamples
 from .distributed import set_collective_timeout
@@ -35,11 +35,13 @@ from .errors import RecipeError
 from .evaluation import evaluate
 from .failure import (
     EXIT_DEADLINE_S,
+    PREPARING,
     RunProgress,
     end_child_processes,
     exit_within,
     install_exit_handler,
     report_failure,
+    reported_here,
 )
 from .preemption import StopRequest
 from .report import MetricsCallback, plot_report, step_records, update_metrics, write_run_args
@@ -111,8 +113,8 @@ def run_recipe(task: Task, args: RecipeArguments) -> dict[str, float | None]:
     except Exception as error:
         stop_request.abandon()
         exit_within(EXIT_DEADLINE_S, 1)
-        if state.is_main_process or not (isinstance(error, RecipeError) and progress.collective):
-            report_failure(error, progress, newest_complete(args.output_dir), state.process_index)
+        if reported_here(error, progress, state.is_main_process):
+            report_failure(error, progress, args.output_dir, state.process_index)
         end_child_processes()
         sys.exit(1)
     finally:
@@ -146,7 +148,7 @@ def _run(
     if state.is_main_process:
         write_run_args(args, output_dir)
     processor = load_processor(args)
-    train_set, eval_set, images_per_sample = _checked_datasets(task, args, processor, state)
+    train_set, eval_set, images_per_sample = _checked_datasets(task, args, processor, state, resume_from is not None)
     if resume_from is not None:
         check_training_data(resume_from, train_set.identity(), args.ignore_data_change)
 
@@ -173,6 +175,7 @@ def _run(
         update_metrics(output_dir, **sizes)
     if stop_request.signal is not None:
         _stop_for_signal(stop_request, "before training started; nothing to resume, rerun the command")
+    progress.phase = PREPARING
     transformers.set_seed(args.seed)  # LoRA's random initialisation, the same for the same --seed
     model = prepare_for_training(model, args)
     metrics = MetricsCallback(output_dir, images_per_sample)
@@ -192,7 +195,7 @@ def _run(
         checkpoint = output_dir / f"checkpoint-{stop_request.stopped_at_step}"
         _stop_for_signal(stop_request, f"{checkpoint} is complete; rerun the same command with "
                                        "--resume_from_checkpoint latest to continue")  # fmt: skip
-    progress.phase = f"evaluating after training (the trained model is saved in {output_dir})"
+    progress.phase = "evaluating after training"
     if args.use_lora or args.uses_zero3:  # free the training model before loading the saved one
         del model
         gc.collect()
@@ -211,13 +214,13 @@ def _run(
     return {"before": before, "after": after}
 
 
-def _checked_datasets(task: Task, args: RecipeArguments, processor, state):
+def _checked_datasets(task: Task, args: RecipeArguments, processor, state, resumed: bool):
     """The task's splits, every sample validated (bad ones stop the run or are listed and dropped), as
     (training samples, evaluation samples, images per training sample)."""
     with state.main_process_first():
         train, held_out = load_sources(task, args)
     listing = Path(args.output_dir) / SKIPPED_SAMPLES if state.is_main_process else None
-    checked = validate_recipe_data(task, args, processor, train, held_out, listing)
+    checked = validate_recipe_data(task, args, processor, train, held_out, listing, resumed)
     train_set = TrainingSamples(
         train, checked.train_rows, task.train_conversation, processor, args.seed, checked.train_lengths
     )

@@ -37,8 +37,10 @@ def package_version() -> str:
 
 def write_run_args(args: RecipeArguments, output_dir: Path) -> None:
     state = PartialState()
+    model = Path(args.model_name_or_path)
     record = {
         "flags": asdict(args),
+        "model_folder": str(model.resolve()) if model.is_dir() else None,  # a relative path, made absolute
         "command": shlex.join([sys.executable, *sys.argv]),
         "world_size": state.num_processes,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -42,9 +42,12 @@ class RowSource:
     rows: Sequence  # indexed as the user would: dataset[i] of the hub split, or one item per jsonl line
     indices: list[int]  # the rows this split uses, in order
     origin: str  # e.g. "--dataset_name_or_path 'x' (config nlvr2, split train)"
-    fingerprint: str  # changes whenever the data does (the validation cache key)
+    fingerprint: str  # changes whenever any data file is touched (the validation cache key)
     schema_problems: Callable[[Any], list[str]]
     locations: Sequence[str] | None = None  # jsonl: "file:line" per row
+    # What the data is, wherever it lies and whenever its files were written (names relative to the data
+    # folder and sizes, a conversation file's bytes): what a checkpoint records of its training data.
+    identity: str = ""
 
     def where(self, row: int) -> str:
         return self.locations[row] if self.locations is not None else f"{self.origin} row {row}"
@@ -125,14 +128,16 @@ def load_hub_source(
 def hub_source(rows, name_or_path: str, config: str | None, split: str, flag: str, **checks) -> RowSource:
     """All rows of a loaded hub split; ``checks`` go to ``schema_problems`` (e.g. ``images_per_row=2``).
 
-    Its fingerprint: datasets' own for a hub id (it changes with the repository's revision); for a local
-    folder one of its files (``folder_fingerprint``), since datasets' ignores what the files hold."""
+    Its fingerprint and identity: datasets' fingerprint for a hub id (it changes with the repository's
+    revision); for a local folder, ones of its files (``folder_fingerprint``, ``folder_identity``), since
+    datasets' own names the folder, not what it holds."""
     origin = f"{flag} {name_or_path!r} ({f'config {config}, ' if config else ''}split {split})"
     problems = partial(_hub_row_problems, columns=tuple(rows.column_names), **checks)
-    fingerprint = rows._fingerprint
+    fingerprint = identity = rows._fingerprint
     if Path(name_or_path).is_dir():
         fingerprint = _digest(folder_fingerprint(Path(name_or_path)), str(config), split)
-    return RowSource(UndecodedRows(rows), list(range(len(rows))), origin, fingerprint, problems)
+        identity = _digest(folder_identity(Path(name_or_path)), str(config), split)
+    return RowSource(UndecodedRows(rows), list(range(len(rows))), origin, fingerprint, problems, identity=identity)
 
 
 def _hub_row_problems(row: dict, columns: tuple[str, ...], images_per_row: int | None = None) -> list[str]:
@@ -177,13 +182,24 @@ def file_stamp(path: Path, name: str | None = None) -> str:
     return f"{name or path}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
+def data_files(folder: Path) -> list[tuple[str, Path]]:
+    """(path relative to ``folder``, path) of every file under it, but hidden ones (a part of the path
+    starting with "." or "__": .git, .cache/huggingface), which datasets does not read either."""
+    folder = folder.resolve()
+    relative = ((p.relative_to(folder), p) for p in folder.rglob("*") if p.is_file())
+    return sorted((r.as_posix(), p) for r, p in relative if not any(part.startswith((".", "__")) for part in r.parts))
+
+
 def folder_fingerprint(folder: Path) -> str:
-    """Changes when any file under ``folder`` is added, removed, resized or modified: the hash of every
+    """Changes when any data file under ``folder`` is added, removed, resized or modified: the hash of every
     file's relative path, size and modification time in nanoseconds (contents are not read, so a mirror of
     hundreds of GB is checked in a moment; a tool that rewrites a file keeping its size and time is not seen)."""
-    folder = folder.resolve()
-    files = sorted(p for p in folder.rglob("*") if p.is_file())
-    return _digest(*(file_stamp(p, p.relative_to(folder).as_posix()) for p in files))
+    return _digest(*(file_stamp(path, name) for name, path in data_files(folder)))
+
+
+def folder_identity(folder: Path) -> str:
+    """The data files' relative paths and sizes: the same for a copy of the folder, elsewhere or made later."""
+    return _digest(*(f"{name}:{path.stat().st_size}" for name, path in data_files(folder)))
 
 
 def _digest(*parts: str) -> str:
@@ -238,10 +254,11 @@ def read_conversations(file: str | Path, image_dir: str | Path) -> RowSource:
     parsed = _llava_records(file, data) if is_llava else _jsonl_records(file, data)
     if not parsed:
         raise ValueError(f"{file} holds no samples.")
-    stamps = [hashlib.sha256(data).hexdigest()]
-    lines = [_checked_line(record, image_dir, stamps) for _, record in parsed]
+    stamps, sizes = [hashlib.sha256(data).hexdigest()], [hashlib.sha256(data).hexdigest()]
+    lines = [_checked_line(record, image_dir, stamps, sizes) for _, record in parsed]
     locations = [location for location, _ in parsed]
-    return RowSource(lines, list(range(len(lines))), str(file), _digest(*stamps), _jsonl_line_problems, locations)
+    fingerprint, identity = _digest(*stamps), _digest(*sizes)
+    return RowSource(lines, list(range(len(lines))), str(file), fingerprint, _jsonl_line_problems, locations, identity)
 
 
 UTF8_BOM = b"\xef\xbb\xbf"
@@ -349,7 +366,9 @@ def _jsonl_line_problems(line: JsonlLine) -> list[str]:
     return line.problems
 
 
-def _checked_line(record: Any, image_dir: Path, stamps: list[str]) -> JsonlLine:
+def _checked_line(record: Any, image_dir: Path, stamps: list[str], sizes: list[str]) -> JsonlLine:
+    """The record with its image paths made absolute, or its problems; each image's stamp (for the
+    fingerprint) and path relative to ``image_dir`` with its size (for the identity) are appended."""
     if isinstance(record, JsonlLine):  # already found wrong while reading
         return record
     problems = _record_problems(record)
@@ -366,6 +385,7 @@ def _checked_line(record: Any, image_dir: Path, stamps: list[str]) -> JsonlLine:
                 problems.append(f"turn {number}: image {resolved} does not exist")
             else:
                 stamps.append(file_stamp(resolved))
+                sizes.append(f"{resolved.relative_to(image_dir).as_posix()}:{resolved.stat().st_size}")
             paths.append(str(resolved))
         turns.append({**turn, "images": paths})
     return JsonlLine(None if problems else {**record, "conversations": turns}, problems)

@@ -31,7 +31,7 @@ from .args import RecipeArguments
 from .checkpoints import CheckpointCallback
 from .collators import TrainCollator
 from .distributed import LOADING_TIMEOUT
-from .failure import RunProgress
+from .failure import SAVING, RunProgress, resume_command
 from .guards import GradientWatch, LossGuard, UnreadableSamples, trainable_parameter_table
 from .liger import apply_liger_kernels
 from .modeling import Phi3VForCausalLM
@@ -329,6 +329,9 @@ def train_and_save(
     signal ended training early: a checkpoint was written instead."""
     training_args = build_training_args(args, accumulation_steps)
     logger.info("Trainer: %s over %d process(es)", training_args.parallel_mode.value, training_args.world_size)
+    if args.save_steps and PartialState().is_main_process:  # in the log even if the run is killed without a word
+        logger.info("A checkpoint every %d steps; to continue after an interruption: %s", args.save_steps,
+                    resume_command())  # fmt: skip
     loss_guard = LossGuard(describe_row)
     unreadable = UnreadableSamples(args.skip_bad_samples, Path(args.output_dir) / SKIPPED_SAMPLES)
     callbacks = [
@@ -354,12 +357,13 @@ def train_and_save(
     trainer.train(resume_from_checkpoint=resume_from)
     if stop_request.stopped_at_step is not None:
         return None
-    progress.phase = f"saving the trained model to {args.output_dir}"
+    progress.phase = f"{SAVING} to {args.output_dir}"
     trainer.save_model()
     state = PartialState()
     if state.is_main_process:
         processor.save_pretrained(args.output_dir)
     state.wait_for_everyone()
+    progress.model_saved = True
     return trainer.accelerator.unwrap_model(trainer.model)
 
 

@@ -32,6 +32,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,7 +42,7 @@ from tqdm import tqdm
 
 from .console import available_cpus
 from .data import IGNORE_INDEX, Conversation, as_candidates, control_tokens_in, conversation_ids
-from .distributed import from_main_process, gathered, is_distributed
+from .distributed import decided_on_main, gathered, is_distributed
 from .errors import RecipeError
 from .images import BadImageError, image_label, load_image
 from .processing import IMAGE_TAG
@@ -275,7 +276,7 @@ def validate_split(
     """One SampleCheck per row of ``source.indices`` (in that order), from the cache or computed now."""
     state = PartialState()
     key = cache_key(source, build, processor, for_training)
-    checks = from_main_process(_load_cached(key) if state.is_main_process else None)
+    checks = decided_on_main(partial(_load_cached, key))
     if checks is not None:
         logger.info("%s data: %d samples already validated (cached result %s reused)", name, len(checks), key)
         return checks
@@ -315,7 +316,13 @@ def validate_split(
 
 
 def validate_recipe_data(
-    task: Task, args: RecipeArguments, processor, train: RowSource, held_out: RowSource, listing: Path | None = None
+    task: Task,
+    args: RecipeArguments,
+    processor,
+    train: RowSource,
+    held_out: RowSource,
+    listing: Path | None = None,
+    resumed: bool = False,
 ) -> CheckedData:
     """Check both splits; stop with every problem listed, or drop the bad rows with --skip_bad_samples and
     list them in ``listing`` (skipped_samples.jsonl; None: not written), also when nothing is left."""
@@ -358,7 +365,7 @@ def validate_recipe_data(
     checked.train_images_per_sample = sum(c.images for c in kept) / max(len(kept), 1)
     checked.train_lengths = [c.tokens for c in kept]
     if listing is not None:
-        write_skipped(checked, listing)
+        write_skipped(checked, listing, resumed)
     if not checked.train_rows or sum(c.supervised for c in kept) == 0:
         raise RecipeError(_nothing_left_message(f"No training sample with a supervised token is left in "
                                                 f"{train.origin}: nothing to learn.", bad, listing))  # fmt: skip
@@ -398,10 +405,17 @@ def _nothing_left_message(what: str, bad: list[tuple[str, RowSource, SampleCheck
     return f"{what} {len(bad)} sample(s) were dropped{listed}, the first for:\n  {shown}{more}"
 
 
-def write_skipped(checked: CheckedData, listing: Path) -> None:
-    """skipped_samples.jsonl: one line per dropped sample (split, row, where, problems); none when none was."""
-    if checked.skipped:
-        listing.write_text("".join(json.dumps(entry) + "\n" for entry in checked.skipped))
+def write_skipped(checked: CheckedData, listing: Path, resumed: bool) -> None:
+    """skipped_samples.jsonl: one line per sample dropped now (split, row, where, problems), and for a
+    resumed run those its training skipped before (they carry their step); no file when there is none."""
+    earlier = []
+    if resumed and listing.is_file():
+        earlier = [line for line in listing.read_text().splitlines() if line.strip() and "step" in json.loads(line)]
+    lines = [json.dumps(entry) for entry in checked.skipped] + earlier
+    if lines:
+        listing.write_text("".join(line + "\n" for line in lines))
+    else:
+        listing.unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> int:

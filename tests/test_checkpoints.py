@@ -64,6 +64,29 @@ def test_flipped_bytes_are_found_by_the_checksum_not_by_the_size(tmp_path):
     )
 
 
+def test_a_rank_verifies_the_files_it_wrote_and_rank_0_the_rest(tmp_path):
+    folder = tmp_path / "checkpoint-4"
+    folder.mkdir()
+    for rank in (0, 1):
+        (folder / f"rng_state_{rank}.pth").write_bytes(bytes([rank]) * 64)
+    (folder / "trainer_state.json").write_text("{}")
+    mark_complete(folder)
+    flip_bytes(folder / "rng_state_1.pth")
+    assert corruption(folder, rank=0, world_size=2) is None  # not rank 0's file
+    assert corruption(folder, rank=1, world_size=2).startswith("rng_state_1.pth does not match")
+    assert corruption(folder).startswith("rng_state_1.pth does not match")  # one process checks them all
+
+
+def test_markers_written_before_checksums_still_count_and_broken_ones_do_not(tmp_path):
+    folder = write_checkpoint(tmp_path, 4)
+    sizes = {name: path.stat().st_size for name, path in ((p.relative_to(folder).as_posix(), p)
+             for p in folder.rglob("*") if p.is_file() and p.name != MARKER)}  # fmt: skip
+    (folder / MARKER).write_text(json.dumps({"files": sizes}))  # the older format: sizes only
+    assert incompleteness(folder) is None and corruption(folder) is None
+    (folder / MARKER).write_text(json.dumps({"files": {"optimizer.pt": None}}))
+    assert incompleteness(folder).startswith("unreadable completion marker")
+
+
 def test_each_rank_hashes_and_verifies_the_files_it_wrote():
     assert [file_owner(name, 4) for name in ("rng_state_2.pth", "rng_state_0.pth", "trainer_state.json")] == [2, 0, 0]
     shards = ["global_step8/zero_pp_rank_3_mp_rank_00_optim_states.pt", "global_step8/bf16_zero_pp_rank_1_mp_rank_00"

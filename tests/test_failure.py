@@ -42,8 +42,8 @@ def test_an_error_in_a_dataloader_worker_reads_as_the_original_message():
 
 
 def test_the_resume_command_resumes_and_never_overwrites(monkeypatch):
-    argv = ["finetune_hf_trainer_docvqa.py", "--use_lora", "--overwrite_output_dir", "--resume_from_checkpoint",
-            "runs/x/checkpoint-4", "--output_dir", "runs/x"]  # fmt: skip
+    argv = ["finetune_hf_trainer_docvqa.py", "--use_lora", "--overwrite_output_dir", "true", "--resume_from_checkpoint",
+            "runs/x/checkpoint-4", "--output_dir", "runs/x", "--resume_from_checkpoint=latest"]  # fmt: skip
     monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
     expected = "finetune_hf_trainer_docvqa.py --use_lora --output_dir runs/x --resume_from_checkpoint latest"
     assert resume_command(argv) == f"python {expected}"
@@ -62,6 +62,13 @@ def test_the_message_names_the_step_the_checkpoint_being_written_and_the_one_to_
     assert f"The disk holding {tmp_path} is full" in message
     assert f"The last complete checkpoint is {tmp_path}/checkpoint-8" in message
     assert message.rstrip().endswith("--resume_from_checkpoint latest")
+    progress.writing, progress.phase, progress.model_saved = None, "evaluating after training", True
+    message = failure_message(RecipeError("Evaluation sample x:3: image 1: truncated"), progress, None)
+    assert "The trained model is saved in" in message and "train it again from the start and replace it" in message
+    progress.phase = "loading"
+    assert failure_message(RecipeError("--output_dir is a file"), progress, None).endswith(
+        "Rerun the command once this is fixed."
+    )
 
 
 def test_a_collective_that_failed_because_of_another_process_is_told_apart(monkeypatch):
@@ -104,6 +111,12 @@ def test_dataloader_workers_that_ignore_stop_signals_do_not_keep_a_failed_proces
         process.kill()
         pytest.fail("the process did not exit within 60 s of its error: its dataloader workers kept it alive")
     assert process.returncode == 1 and "the step failed" in stderr
+
+
+def test_cleanup_that_hangs_after_a_failure_is_cut_short():
+    script = "import time\nfrom phi3v.failure import exit_within\nexit_within(1, 3)\ntime.sleep(60)\n"
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=50)
+    assert result.returncode == 3 and "Cleanup after the failure took over 1 s: exiting now" in result.stderr
 
 
 def test_a_stop_signal_after_the_run_failed_ends_the_process_at_once():

@@ -155,6 +155,30 @@ def test_a_local_folder_rewritten_in_place_gets_a_new_fingerprint(tmp_path):
     assert fingerprint() != first
 
 
+def test_a_copy_of_the_data_has_the_same_identity_but_is_validated_again(tmp_path):
+    """A checkpoint records the identity (names and sizes, a file's text): a copy made later, elsewhere, resumes;
+    the validation cache follows the stricter fingerprint (modification times too)."""
+    import shutil
+
+    from phi3v.sources import load_hub_source
+
+    write_docvqa(tmp_path / "docvqa", num_train=4, num_test=1)
+    write_custom(tmp_path / "custom", num_train=4, num_eval=1)
+    for name in ("docvqa", "custom"):
+        shutil.copytree(tmp_path / name, tmp_path / "copy" / name, copy_function=shutil.copyfile)  # new times
+    (tmp_path / "docvqa" / ".git").mkdir()
+    (tmp_path / "docvqa" / ".git" / "index").write_text("not data")  # hidden: not part of the data
+    hub = [
+        load_hub_source(str(root / "docvqa"), None, "train", "--flag", ["image"])
+        for root in (tmp_path, tmp_path / "copy")
+    ]
+    files = [
+        read_conversations(root / "custom" / "train.jsonl", root / "custom") for root in (tmp_path, tmp_path / "copy")
+    ]
+    for original, copy in (hub, files):
+        assert original.identity == copy.identity and original.fingerprint != copy.fingerprint
+
+
 def test_hub_row_schema_problems(tmp_path):
     """An empty answer list would crash the builder hours into a run; the row check names it."""
     from phi3v.sources import load_hub_source

@@ -143,8 +143,9 @@ def moved_base_run(finished: dict[str, Path], tmp_path: Path) -> Path:
     """A copy of the LoRA run whose base model folder is gone (moved after training)."""
     run = tmp_path / "run"
     shutil.copytree(finished["lora"], run)
-    config = json.loads((run / "adapter_config.json").read_text())
-    (run / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(tmp_path / "gone")}))
+    for name, key in (("adapter_config.json", "base_model_name_or_path"), ("run_args.json", "model_folder")):
+        record = json.loads((run / name).read_text())
+        (run / name).write_text(json.dumps({**record, key: str(tmp_path / "gone")}))
     return run
 
 
