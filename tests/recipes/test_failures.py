@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -93,6 +95,44 @@ def test_a_disk_that_fills_while_a_checkpoint_is_written_ends_the_run_within_sec
                 in resumed.stderr)  # fmt: skip
         assert f"Resuming from {output_dir}/checkpoint-1" in resumed.stderr
         assert (output_dir / "eval_after.json").exists()
+
+
+@pytest.fixture
+def small_disk(tmp_path) -> Path:
+    """A real 16 MB disk (tmpfs), where this machine lets the tests mount one."""
+    folder = tmp_path / "small_disk"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    yield folder
+    subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def test_a_real_disk_that_fills_up(small_disk, tiny_dir, docvqa, tmp_path):
+    """No injected fault: checkpoints every step until the 16 MB disk is full (torch.save then fails with a bare
+    "iostream error"). The run exits within 60 s of the failure naming the folder, and a copy of the folder
+    resumes from its last complete checkpoint."""
+
+    def flags(output_dir: Path) -> list[str]:
+        data = ["--dataset_name_or_path", str(docvqa)]
+        return lora_flags(tiny_dir, data, output_dir, "--lora_rank", "16", "--save_steps", "1", "--max_steps", "60")
+
+    output_dir, log = small_disk / "out", tmp_path / "run.log"
+    process = start(DOCVQA, flags(output_dir), 1, log)
+    exited = wait_for_exit(process, log)
+    output = log.read_text()
+    failed = [line for line in output.splitlines() if "ERROR phi3v: The run failed" in line]
+    assert process.returncode != 0 and failed, output[-3000:]
+    failed_at = time.mktime(time.strptime(failed[0][:19], "%Y-%m-%d %H:%M:%S"))
+    assert exited - failed_at < 60 and f"The disk holding {output_dir} is full" in output
+    last = Path(re.search(r"The last complete checkpoint is (\S+)\. Continue", output).group(1))
+    shutil.copytree(output_dir, tmp_path / "copy")
+    step = int(last.name.split("-")[1])
+    resumed = launch(
+        DOCVQA, flags(tmp_path / "copy") + ["--resume_from_checkpoint", "latest", "--max_steps", str(step + 1)]
+    )
+    assert f"Resuming from {tmp_path / 'copy' / last.name}" in resumed.stderr
 
 
 @pytest.mark.parametrize("ranks, skip", [(2, False), (1, True)], ids=["stops on two ranks", "skipped with the flag"])
