@@ -3,7 +3,8 @@
 Whatever goes wrong while loading, training, saving or evaluating:
 - the process that hit the error logs it once: the error, the optimizer step, the checkpoint being
   written, the sample or file when known, and the command that resumes from the last complete checkpoint.
-  A process whose collective failed because another one died or hung says only that, in one line;
+  A process whose collective failed because another one died or hung says only that, in one line (rank 0
+  also how to resume); a problem every rank finds alike is told by the main process alone;
 - its dataloader workers are killed, not waited for (they ignore stop signals, see ``phi3v.preemption``,
   and multiprocessing would otherwise wait for them forever at exit);
 - a stop signal arriving now ends the process at once instead of promising a checkpoint;
@@ -34,7 +35,6 @@ from .errors import RecipeError, SharedError
 logger = logging.getLogger("phi3v")
 
 EXIT_DEADLINE_S = 20  # after the message: cleanup that takes longer is cut short
-SAVING = "saving the trained model"
 BOOLEAN_VALUES = ("true", "false", "yes", "no", "1", "0", "t", "f", "y", "n")  # what a flag like --x true takes
 NEARLY_FULL_BYTES = 64 * 1024**2  # less free space than this after a failed write: the disk filled up
 WORKER_TRACEBACK = "Original Traceback (most recent call last):"
@@ -43,9 +43,11 @@ PEER_GONE = re.compile(r"Connection (closed|reset) by peer|remote worker crashin
 PEER_TIMEOUT = re.compile(r"Timed out waiting|Watchdog caught collective operation timeout")
 COLLECTIVE_BACKEND = re.compile(r"gloo|NCCL|c10d|ProcessGroup")
 
-
+# The phases of a run, as the message names them
 LOADING = "loading"
 PREPARING = "preparing the model for training"
+TRAINING = "training"
+SAVING = "saving the trained model"
 # Phases whose problems every rank finds alike (flags, data, output folder, what trains): told once.
 COLLECTIVE_PHASES = (LOADING, PREPARING)
 
@@ -64,7 +66,7 @@ class RunProgress(TrainerCallback):
         self.model_saved = False  # the trained model is in output_dir
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.phase = "training"
+        self.phase = TRAINING
         return control
 
     def on_step_begin(self, args, state, control, **kwargs):
@@ -95,7 +97,7 @@ def reported_here(error: BaseException, progress: RunProgress, is_main_process: 
 def failure_message(error: BaseException, progress: RunProgress, checkpoint: Path | None) -> str:
     """What failed, where, and what to do; ``checkpoint`` is the newest complete one (None: there is none)."""
     where = [f"while {progress.phase}"]
-    if progress.step is not None and progress.phase == "training":
+    if progress.step is not None and progress.phase == TRAINING:
         where.append(f"at optimizer step {progress.step}")
     if progress.writing is not None:
         where.append(f"writing {progress.writing}")
