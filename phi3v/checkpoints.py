@@ -30,7 +30,6 @@ from transformers import TrainerCallback
 from .args import RecipeArguments
 from .distributed import barrier, decided_on_main, gathered
 from .errors import RecipeError, SharedError
-from .validate import SKIPPED_SAMPLES
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +38,7 @@ CHECKSUM = "xxh3_128"  # a fast non-cryptographic hash: it finds damage, not tam
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 # Files one rank writes: its RNG state (HF Trainer) and its DeepSpeed shards
 RANK_FILE = re.compile(r"(?:^|[/_])(?:rng_state|zero_pp_rank)_(\d+)[._]")
+SKIPPED_SAMPLES = "skipped_samples.jsonl"  # what --skip_bad_samples dropped, and why
 RUN_OUTPUTS = ("eval_before.json", "eval_after.json", SKIPPED_SAMPLES)
 HASH_CHUNK = 64 * 1024**2
 

@@ -46,8 +46,10 @@ COLLECTIVE_BACKEND = re.compile(r"gloo|NCCL|c10d|ProcessGroup")
 # The phases of a run, as the message names them
 LOADING = "loading"
 PREPARING = "preparing the model for training"
+EVALUATING_BEFORE = "evaluating before training"
 TRAINING = "training"
 SAVING = "saving the trained model"
+EVALUATING_AFTER = "evaluating after training"
 # Phases whose problems every rank finds alike (flags, data, output folder, what trains): told once.
 COLLECTIVE_PHASES = (LOADING, PREPARING)
 

@@ -27,13 +27,15 @@ import transformers
 from accelerate import PartialState
 
 from .args import REPO_ROOT, RecipeArguments, gradient_accumulation_steps
-from .checkpoints import check_training_data, prepare_output_dir
+from .checkpoints import SKIPPED_SAMPLES, check_training_data, prepare_output_dir
 from .console import available_cpus
 from .data import Conversation, EvaluationSamples, TrainingSamples
 from .distributed import set_collective_timeout
 from .errors import RecipeError
 from .evaluation import evaluate
 from .failure import (
+    EVALUATING_AFTER,
+    EVALUATING_BEFORE,
     EXIT_DEADLINE_S,
     PREPARING,
     RunProgress,
@@ -54,7 +56,7 @@ from .training import (
     setup_distributed,
     train_and_save,
 )
-from .validate import SKIPPED_SAMPLES, validate_recipe_data
+from .validate import validate_recipe_data
 
 logger = logging.getLogger("phi3v")
 
@@ -167,7 +169,7 @@ def _run(
     stop_request.install()
     model = load_model(args, quantize=args.use_qlora)
     set_collective_timeout(args.ddp_timeout)  # loaded: from now on no rank waits long for another
-    progress.phase = "evaluating before training"
+    progress.phase = EVALUATING_BEFORE
     before = _evaluate_before(run_evaluation, model, output_dir, metric, resume_from)
     if state.is_main_process:
         sizes = {"train_samples": len(train_set), "eval_samples": len(eval_set)}
@@ -195,7 +197,7 @@ def _run(
         checkpoint = output_dir / f"checkpoint-{stop_request.stopped_at_step}"
         _stop_for_signal(stop_request, f"{checkpoint} is complete; rerun the same command with "
                                        "--resume_from_checkpoint latest to continue")  # fmt: skip
-    progress.phase = "evaluating after training"
+    progress.phase = EVALUATING_AFTER
     if args.use_lora or args.uses_zero3:  # free the training model before loading the saved one
         del model
         gc.collect()

@@ -129,14 +129,13 @@ def hub_source(rows, name_or_path: str, config: str | None, split: str, flag: st
     """All rows of a loaded hub split; ``checks`` go to ``schema_problems`` (e.g. ``images_per_row=2``).
 
     Its fingerprint and identity: datasets' fingerprint for a hub id (it changes with the repository's
-    revision); for a local folder, ones of its files (``folder_fingerprint``, ``folder_identity``), since
-    datasets' own names the folder, not what it holds."""
+    revision); for a local folder, those of its files (``folder_stamps``), since datasets' own names the
+    folder, not what it holds."""
     origin = f"{flag} {name_or_path!r} ({f'config {config}, ' if config else ''}split {split})"
     problems = partial(_hub_row_problems, columns=tuple(rows.column_names), **checks)
     fingerprint = identity = rows._fingerprint
     if Path(name_or_path).is_dir():
-        fingerprint = _digest(folder_fingerprint(Path(name_or_path)), str(config), split)
-        identity = _digest(folder_identity(Path(name_or_path)), str(config), split)
+        fingerprint, identity = (_digest(stamp, str(config), split) for stamp in folder_stamps(Path(name_or_path)))
     return RowSource(UndecodedRows(rows), list(range(len(rows))), origin, fingerprint, problems, identity=identity)
 
 
@@ -176,10 +175,11 @@ def _query_problem(query: Any) -> str | None:
 TEXT_CHECKS = {"texts": _texts_problem, "answers": _answers_problem, "query": _query_problem}
 
 
-def file_stamp(path: Path, name: str | None = None) -> str:
-    """A file as the fingerprints see it: its name (default: its path), size and modification time in ns."""
+def file_stamps(path: Path, name: str, identity_name: str | None = None) -> tuple[str, str]:
+    """A file as a fingerprint sees it (``name``, size, modification time in ns) and as an identity does
+    (``identity_name``, default ``name``, and size), from one stat."""
     stat = path.stat()
-    return f"{name or path}:{stat.st_size}:{stat.st_mtime_ns}"
+    return f"{name}:{stat.st_size}:{stat.st_mtime_ns}", f"{identity_name or name}:{stat.st_size}"
 
 
 def data_files(folder: Path) -> list[tuple[str, Path]]:
@@ -190,16 +190,14 @@ def data_files(folder: Path) -> list[tuple[str, Path]]:
     return sorted((r.as_posix(), p) for r, p in relative if not any(part.startswith((".", "__")) for part in r.parts))
 
 
-def folder_fingerprint(folder: Path) -> str:
-    """Changes when any data file under ``folder`` is added, removed, resized or modified: the hash of every
-    file's relative path, size and modification time in nanoseconds (contents are not read, so a mirror of
-    hundreds of GB is checked in a moment; a tool that rewrites a file keeping its size and time is not seen)."""
-    return _digest(*(file_stamp(path, name) for name, path in data_files(folder)))
-
-
-def folder_identity(folder: Path) -> str:
-    """The data files' relative paths and sizes: the same for a copy of the folder, elsewhere or made later."""
-    return _digest(*(f"{name}:{path.stat().st_size}" for name, path in data_files(folder)))
+def folder_stamps(folder: Path) -> tuple[str, str]:
+    """(fingerprint, identity) of the data files under ``folder``. The fingerprint, the hash of every file's
+    relative path, size and modification time in nanoseconds, changes when any is added, removed, resized
+    or modified (contents are not read, so a mirror of hundreds of GB is checked in a moment; a tool that
+    rewrites a file keeping its size and time is not seen). The identity, paths and sizes only, is the same
+    for a copy of the folder, made elsewhere or later."""
+    stamps = [file_stamps(path, name) for name, path in data_files(folder)]
+    return _digest(*(stamp for stamp, _ in stamps)), _digest(*(identity for _, identity in stamps))
 
 
 def _digest(*parts: str) -> str:
@@ -213,7 +211,7 @@ def _local_cache_dir(folder: Path) -> str:
     folders called ``docvqa`` (or one folder whose files were rewritten) would silently share stale rows.
     """
     folder = folder.resolve()
-    digest = _digest(str(folder), folder_fingerprint(folder))[:16]
+    digest = _digest(str(folder), folder_stamps(folder)[0])[:16]
     return str(Path(datasets.config.HF_DATASETS_CACHE) / "phi3v-local" / f"{folder.name}-{digest}")
 
 
@@ -254,10 +252,11 @@ def read_conversations(file: str | Path, image_dir: str | Path) -> RowSource:
     parsed = _llava_records(file, data) if is_llava else _jsonl_records(file, data)
     if not parsed:
         raise ValueError(f"{file} holds no samples.")
-    stamps, sizes = [hashlib.sha256(data).hexdigest()], [hashlib.sha256(data).hexdigest()]
-    lines = [_checked_line(record, image_dir, stamps, sizes) for _, record in parsed]
+    content = hashlib.sha256(data).hexdigest()
+    stamps, identities = [content], [content]
+    lines = [_checked_line(record, image_dir, stamps, identities) for _, record in parsed]
     locations = [location for location, _ in parsed]
-    fingerprint, identity = _digest(*stamps), _digest(*sizes)
+    fingerprint, identity = _digest(*stamps), _digest(*identities)
     return RowSource(lines, list(range(len(lines))), str(file), fingerprint, _jsonl_line_problems, locations, identity)
 
 
@@ -366,7 +365,7 @@ def _jsonl_line_problems(line: JsonlLine) -> list[str]:
     return line.problems
 
 
-def _checked_line(record: Any, image_dir: Path, stamps: list[str], sizes: list[str]) -> JsonlLine:
+def _checked_line(record: Any, image_dir: Path, stamps: list[str], identities: list[str]) -> JsonlLine:
     """The record with its image paths made absolute, or its problems; each image's stamp (for the
     fingerprint) and path relative to ``image_dir`` with its size (for the identity) are appended."""
     if isinstance(record, JsonlLine):  # already found wrong while reading
@@ -384,8 +383,9 @@ def _checked_line(record: Any, image_dir: Path, stamps: list[str], sizes: list[s
             elif not resolved.is_file():
                 problems.append(f"turn {number}: image {resolved} does not exist")
             else:
-                stamps.append(file_stamp(resolved))
-                sizes.append(f"{resolved.relative_to(image_dir).as_posix()}:{resolved.stat().st_size}")
+                stamp, identity = file_stamps(resolved, str(resolved), resolved.relative_to(image_dir).as_posix())
+                stamps.append(stamp)
+                identities.append(identity)
             paths.append(str(resolved))
         turns.append({**turn, "images": paths})
     return JsonlLine(None if problems else {**record, "conversations": turns}, problems)

@@ -28,7 +28,7 @@ from transformers import (
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from .args import RecipeArguments
-from .checkpoints import CheckpointCallback
+from .checkpoints import SKIPPED_SAMPLES, CheckpointCallback
 from .collators import TrainCollator
 from .distributed import LOADING_TIMEOUT
 from .failure import SAVING, RunProgress, resume_command
@@ -39,7 +39,6 @@ from .preemption import PreemptionCallback, StopRequest, start_dataloader_worker
 from .report import MetricsCallback
 from .sampling import LengthGroupedSampler, batched, padding_share
 from .sources import require_local_or_reachable
-from .validate import SKIPPED_SAMPLES
 
 logger = logging.getLogger(__name__)
 
@@ -248,7 +247,6 @@ def build_training_args(args: RecipeArguments, accumulation_steps: int) -> Train
         dataloader_num_workers=args.dataloader_num_workers,
         dataloader_prefetch_factor=2 if args.dataloader_num_workers else None,
         ddp_find_unused_parameters=False,
-        ddp_timeout=args.ddp_timeout,  # the process group is made by setup_distributed; the recipe sets this there
         seed=args.seed,
     )
 

@@ -40,6 +40,7 @@ from accelerate import PartialState
 from PIL import Image
 from tqdm import tqdm
 
+from .checkpoints import SKIPPED_SAMPLES
 from .console import available_cpus
 from .data import IGNORE_INDEX, Conversation, as_candidates, control_tokens_in, conversation_ids
 from .distributed import decided_on_main, gathered, is_distributed
@@ -57,7 +58,6 @@ logger = logging.getLogger(__name__)
 VALIDATION_VERSION = 2  # bump when the checks change, so cached results are not reused
 CHUNK_SIZE = 32  # rows a worker takes at a time
 MAX_SHOWN = 20  # problems quoted in an error message
-SKIPPED_SAMPLES = "skipped_samples.jsonl"  # in --output_dir: what --skip_bad_samples dropped, and why
 
 
 @dataclass
@@ -386,11 +386,8 @@ def _log_lengths(checks: list[SampleCheck]) -> None:
 
 
 def _problems_message(bad: list[tuple[str, RowSource, SampleCheck]]) -> str:
-    lines = [f"{source.where(c.row)}: {problem}" for _, source, c in bad for problem in c.problems]
-    shown = "\n  ".join(lines[:MAX_SHOWN])
-    more = f"\n  ... and {len(lines) - MAX_SHOWN} more" if len(lines) > MAX_SHOWN else ""
     return (
-        f"{len(bad)} bad sample(s) found before training:\n  {shown}{more}\n"
+        f"{len(bad)} bad sample(s) found before training:\n  {_quoted(bad)}\n"
         "Fix them, or pass --skip_bad_samples to drop them (they are then counted in the log and listed in "
         "skipped_samples.jsonl in --output_dir)."
     )
@@ -399,10 +396,15 @@ def _problems_message(bad: list[tuple[str, RowSource, SampleCheck]]) -> str:
 def _nothing_left_message(what: str, bad: list[tuple[str, RowSource, SampleCheck]], listing: Path | None) -> str:
     if not bad:
         return what
-    shown = "\n  ".join(f"{source.where(c.row)}: {'; '.join(c.problems)}" for _, source, c in bad[:MAX_SHOWN])
-    more = f"\n  ... and {len(bad) - MAX_SHOWN} more" if len(bad) > MAX_SHOWN else ""
     listed = f" (all of them are listed in {listing})" if listing is not None else ""
-    return f"{what} {len(bad)} sample(s) were dropped{listed}, the first for:\n  {shown}{more}"
+    return f"{what} {len(bad)} sample(s) were dropped{listed}, the first for:\n  {_quoted(bad)}"
+
+
+def _quoted(bad: list[tuple[str, RowSource, SampleCheck]]) -> str:
+    """The first MAX_SHOWN problems, one a line, each with its place."""
+    lines = [f"{source.where(c.row)}: {problem}" for _, source, c in bad for problem in c.problems]
+    more = f"\n  ... and {len(lines) - MAX_SHOWN} more" if len(lines) > MAX_SHOWN else ""
+    return "\n  ".join(lines[:MAX_SHOWN]) + more
 
 
 def write_skipped(checked: CheckedData, listing: Path, resumed: bool) -> None:
