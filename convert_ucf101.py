@@ -15,11 +15,11 @@ the whole split is converted.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
 import tarfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import av
@@ -27,12 +27,24 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from phi3v.args import flag, parse_args
+from phi3v.errors import RecipeError, command
+from phi3v.hub import require_folder, require_local_or_reachable
+
 SPLITS = ("train", "val", "test")
 FRAMES_PER_VIDEO = 8
 
 
-class BadVideoError(ValueError):
+class BadVideoError(RecipeError):
     """A clip that cannot give FRAMES_PER_VIDEO frames."""
+
+
+@dataclass
+class ConvertArguments:
+    video_dir: str | None = flag(None, "(new) local UCF101_subset (or its parent); skips the download")
+    tmp_dir: str = flag("/tmp/ucf101", "download folder; must not exist (it is deleted afterwards)")
+    out_dir: str = flag("./ucf101", "output folder")
+    skip_bad_videos: bool = flag(False, "(new) leave out clips that cannot be used (counted and listed)")
 
 
 def frame_indices(total_frames: int, count: int = FRAMES_PER_VIDEO) -> list[int]:
@@ -74,14 +86,13 @@ def find_subset_root(video_dir: Path) -> Path:
     for root in (video_dir / "UCF101_subset", video_dir):
         if all((root / split).is_dir() for split in SPLITS):
             return root
-    raise FileNotFoundError(f"--video_dir {video_dir}: expected UCF101_subset/{{train,val,test}}/<Class>/*.avi in it.")
+    require_folder(video_dir, "--video_dir")
+    raise RecipeError(f"--video_dir {video_dir}: expected UCF101_subset/{{train,val,test}}/<Class>/*.avi in it.")
 
 
 def download_subset(tmp_dir: Path) -> Path:
     """Fetch and unpack the subset the original uses (needs network access)."""
     from huggingface_hub import hf_hub_download
-
-    from phi3v.sources import require_local_or_reachable
 
     require_local_or_reachable(
         "sayakpaul/ucf101-subset",
@@ -103,7 +114,7 @@ def convert(
     videos = {split: sorted((subset_root / split).glob("*/*.avi")) for split in SPLITS}
     classes = sorted({video.parent.name for split in SPLITS for video in videos[split]})
     if not classes:
-        raise FileNotFoundError(f"{subset_root}: no .avi videos under {'/'.join(SPLITS)}/<Class>/.")
+        raise RecipeError(f"{subset_root}: no .avi videos under {'/'.join(SPLITS)}/<Class>/.")
     prompt = "Classify the video into one of the following classes: " + ", ".join(classes) + "."
     index, written, skipped = 0, {}, []
     for split in SPLITS:
@@ -140,28 +151,27 @@ def _write_clip(video: Path, frames: list[Image.Image], split: str, index: int, 
     return {"id": f"{split}-{index:010d}", "source": "ucf101", "conversations": [turn]}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--video_dir", type=Path, help="(new) local UCF101_subset (or its parent); skips the download")
-    parser.add_argument("--tmp_dir", type=Path, default=Path("/tmp/ucf101"), help="download folder; must not exist")
-    parser.add_argument("--out_dir", type=Path, default=Path("./ucf101"), help="output folder")
-    parser.add_argument("--skip_bad_videos", action="store_true", help="(new) leave out clips that cannot be used")
-    args = parser.parse_args()
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    if args.video_dir is None and args.tmp_dir.exists():
-        parser.error(f"--tmp_dir {args.tmp_dir} already exists; remove it or pick another (it is deleted afterwards).")
-    try:
-        if args.video_dir is not None:
-            counts = convert(find_subset_root(args.video_dir), args.out_dir, skip_bad_videos=args.skip_bad_videos)
-        else:
-            try:
-                counts = convert(download_subset(args.tmp_dir), args.out_dir, skip_bad_videos=args.skip_bad_videos)
-            finally:
-                shutil.rmtree(args.tmp_dir, ignore_errors=True)
-    except BadVideoError as error:
-        sys.exit(f"error: {error}")
-    print(f"Wrote {counts} videos as {FRAMES_PER_VIDEO} frames each to {args.out_dir}")
+@command
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(ConvertArguments, argv, __doc__)
+    out_dir, tmp_dir = Path(args.out_dir), Path(args.tmp_dir)
+    if args.video_dir is not None:
+        subset_root = find_subset_root(Path(args.video_dir))  # before anything is written
+        out_dir.mkdir(parents=True, exist_ok=True)
+        counts = convert(subset_root, out_dir, skip_bad_videos=args.skip_bad_videos)
+    else:
+        if tmp_dir.exists():
+            raise RecipeError(
+                f"--tmp_dir {tmp_dir} already exists; remove it or pick another (it is deleted afterwards)."
+            )
+        out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            counts = convert(download_subset(tmp_dir), out_dir, skip_bad_videos=args.skip_bad_videos)
+        finally:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+    print(f"Wrote {counts} videos as {FRAMES_PER_VIDEO} frames each to {out_dir}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

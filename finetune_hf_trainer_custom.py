@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from phi3v.args import RecipeArguments, flag, parse_args
-from phi3v.recipe import Task, run_recipe
-from phi3v.sources import jsonl_conversation, read_conversations
+from phi3v.data.conversation_files import jsonl_conversation, read_conversations
+from phi3v.recipe import run_recipe
+from phi3v.task import Task
 
 
 @dataclass

@@ -12,9 +12,10 @@ uses the mini test split with the "Answer briefly." prompt, as the original.
 from dataclasses import dataclass
 
 from phi3v.args import CAULDRON, RecipeArguments, flag, parse_args
-from phi3v.data import Conversation, Turn
-from phi3v.recipe import Task, run_recipe
-from phi3v.sources import load_hub_source
+from phi3v.data.conversation import Conversation, Turn
+from phi3v.data.sources import load_hub_source
+from phi3v.recipe import run_recipe
+from phi3v.task import Task
 
 MINI_COLUMNS = ["image", "query", "answers"]
 

@@ -11,9 +11,10 @@ dataset's official metric, ranks the samples by the model's probability of "yes"
 """
 
 from phi3v.args import CauldronArguments, parse_args
-from phi3v.data import Conversation, Turn
-from phi3v.recipe import Task, run_recipe
-from phi3v.sources import load_cauldron_splits
+from phi3v.data.conversation import Conversation, Turn
+from phi3v.data.sources import load_cauldron_splits
+from phi3v.recipe import run_recipe
+from phi3v.task import Task
 
 
 def load_splits(args: CauldronArguments):

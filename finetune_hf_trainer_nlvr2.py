@@ -10,9 +10,10 @@ original. The first --eval_size rows are held out for evaluation.
 """
 
 from phi3v.args import CauldronArguments, parse_args
-from phi3v.data import Conversation, Turn
-from phi3v.recipe import Task, run_recipe
-from phi3v.sources import load_cauldron_splits
+from phi3v.data.conversation import Conversation, Turn
+from phi3v.data.sources import load_cauldron_splits
+from phi3v.recipe import run_recipe
+from phi3v.task import Task
 
 
 def load_splits(args: CauldronArguments):

@@ -1,18 +1,19 @@
 """Finetune Phi-3.5-vision on UCF-101 clips (8 frames per sample); the metric is exact-match accuracy.
 
 Data: the folder written by convert_ucf101.py (--data_dir): ucf101_train.jsonl and ucf101_val.jsonl,
-frames under images/. The same jsonl format holds any custom multi-turn, multi-image dataset (README).
+frames under images/. The same jsonl format holds any custom multi-turn, multi-image dataset (docs/data.md).
 
     python convert_ucf101.py --out_dir ./ucf101
     torchrun --nproc_per_node=4 finetune_hf_trainer_ucf101.py --data_dir ./ucf101 --bf16 --use_flash_attention
 """
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from phi3v.args import RecipeArguments, flag, parse_args
-from phi3v.recipe import Task, run_recipe
-from phi3v.sources import jsonl_conversation, read_conversations
+from phi3v.data.conversation_files import jsonl_conversation, read_conversations
+from phi3v.hub import require_folder
+from phi3v.recipe import run_recipe
+from phi3v.task import Task
 
 
 @dataclass
@@ -22,7 +23,7 @@ class UCF101Arguments(RecipeArguments):
 
 
 def load_splits(args: UCF101Arguments):
-    data_dir = Path(args.data_dir)
+    data_dir = require_folder(args.data_dir, "--data_dir", " convert_ucf101.py writes one.")
     image_dir = data_dir / "images"
     train = read_conversations(data_dir / "ucf101_train.jsonl", image_dir)
     return train, read_conversations(data_dir / "ucf101_val.jsonl", image_dir)

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/checkpoint_checksums.py [--gigabytes 2] [--gpus 8] [--folder /tmp]
 
 Writes --gigabytes of random bytes to a file in --folder and hashes it the way a checkpoint's files are
-hashed (``phi3v.checkpoints.file_checksum``, xxh3-128), right after writing, so from the page cache, as each
+hashed (``phi3v.training.checkpoints.file_checksum``, xxh3-128), right after writing, so from the page cache, as each
 rank hashes the files it has just written before the checkpoint is marked complete. Then prints, for full
 finetuning of Phi-3.5-vision on DeepSpeed ZeRO-2 over --gpus GPUs, what each rank hashes and how long that
 takes at the measured rate: rank 0 the model (model.safetensors, and DeepSpeed's copy of the module
@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.train_throughput import model_config  # noqa: E402
 from phi3v import Phi3VForCausalLM  # noqa: E402
-from phi3v.checkpoints import file_checksum  # noqa: E402
+from phi3v.training.checkpoints import file_checksum  # noqa: E402
 
 OFFICIAL_VOCAB, OFFICIAL_PAD = 32064, 32000
 CHUNK = 64 * 1024**2

@@ -2,7 +2,7 @@
 # The GPU check of the speed work, as one command (a few minutes on one H100/H200):
 #   - installs the packages the GPU machine lacks, or has in other versions, from wheels in .whl/ (no internet);
 #   - checks that the bf16 loss is finite and within 1% of the fp32 loss on a short sample, at full size;
-#   - checks that --use_liger_kernel gives the plain model's loss and gradients (tests/test_liger.py);
+#   - checks that --use_liger_kernel gives the plain model's loss and gradients (tests/models/test_liger.py);
 #   - times LoRA and frozen-vision training of the real 4.15B architecture (random weights) in bf16 at
 #     num_crops 16, with SDPA, with SDPA and Liger's kernels, and, when flash-attn is installed, with flash
 #     attention; prints the tables with images/s, tokens/s, padding, peak GPU memory and model FLOP utilisation.
@@ -86,7 +86,7 @@ echo "== SDPA =="
 "$PYTHON" benchmarks/train_throughput.py "${RUN[@]}" --mode lora,frozen_vision --precision_check
 if [ "$PYTHON" = python3 ]; then
     echo "== Liger kernels: same loss and gradients as without =="
-    "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_liger.py
+    "$PYTHON" -m pytest -q -p no:cacheprovider tests/models/test_liger.py
     echo "== SDPA + Liger kernels =="
     "$PYTHON" benchmarks/train_throughput.py "${RUN[@]}" --mode lora,frozen_vision --use_liger_kernel
 else

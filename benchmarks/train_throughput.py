@@ -56,13 +56,15 @@ sys.path.insert(0, str(REPO))
 from benchmarks.documents import scanned_page  # noqa: E402
 from phi3v import Phi3VConfig, Phi3VForCausalLM  # noqa: E402
 from phi3v.args import RecipeArguments  # noqa: E402
-from phi3v.collators import EvalCollator, TrainCollator  # noqa: E402
-from phi3v.data import Conversation, Turn, encode_conversation  # noqa: E402
-from phi3v.liger import check_liger_available  # noqa: E402
-from phi3v.modeling import IGNORE_INDEX  # noqa: E402
-from phi3v.sampling import batched, length_grouped_order, padding_share  # noqa: E402
-from phi3v.tiny import tiny_config, write_tiny_checkpoint  # noqa: E402
-from phi3v.training import base_model, load_model, prepare_for_training  # noqa: E402
+from phi3v.data.collators import EvalCollator, TrainCollator  # noqa: E402
+from phi3v.data.conversation import Conversation, Turn  # noqa: E402
+from phi3v.data.samples import encode_conversation  # noqa: E402
+from phi3v.data.sampling import batched, length_grouped_order, padding_share  # noqa: E402
+from phi3v.models.liger import check_liger_available  # noqa: E402
+from phi3v.models.processing import IGNORE_INDEX  # noqa: E402
+from phi3v.models.tiny import tiny_config, write_tiny_checkpoint  # noqa: E402
+from phi3v.training.loading import load_model  # noqa: E402
+from phi3v.training.preparation import base_model, prepare_for_training  # noqa: E402
 
 MODES = ("full", "frozen_vision", "lora", "qlora")
 # Dense bf16 peak of common cards, TFLOP/s (the vendors' figures without sparsity).
@@ -233,18 +235,16 @@ def build_model(config: Phi3VConfig, mode: str, setup: Setup, args, folder: Path
         lora_rank=args.lora_rank or round(64 * config.hidden_size / 3072),
     )
     attention = "flash_attention_2" if args.use_flash_attention and setup.attention != "eager" else setup.attention
+    dtype = torch.bfloat16 if args.use_flash_attention else torch.float32
     if mode == "qlora":  # 4-bit layers are made by from_pretrained, so the weights go through a file
         if not (folder / "model.safetensors.index.json").exists() and not (folder / "model.safetensors").exists():
             torch.manual_seed(0)
             Phi3VForCausalLM(config).save_pretrained(folder)
-        model = load_model(recipe_args, quantize=True)
-        model.set_attn_implementation(attention)
+        model = load_model(folder, dtype, attention, quantize_4bit=True, device=args.device)
         model.model.vision_embed_tokens.img_processor.vision_model.set_attn_implementation(attention)
     else:
         torch.manual_seed(0)
-        dtype = torch.bfloat16 if args.use_flash_attention else torch.float32
-        with torch.device(args.device):
-            model = Phi3VForCausalLM._from_config(config, attn_implementation=attention, dtype=dtype)
+        model = load_model(config, dtype, attention, device=args.device)
     torch.manual_seed(0)  # LoRA's initialisation
     model = prepare_for_training(model, recipe_args)
     if not (setup.skip_padding and setup.stop_at_feature_layer):

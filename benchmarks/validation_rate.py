@@ -30,11 +30,11 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.documents import scanned_page  # noqa: E402
 from phi3v import Phi3VProcessor  # noqa: E402
-from phi3v.recipe import load_task  # noqa: E402
-from phi3v.sources import load_hub_source  # noqa: E402
-from phi3v.synthetic import DOCVQA_MINI_FEATURES, _write_readme  # noqa: E402
-from phi3v.tiny import write_tiny_checkpoint  # noqa: E402
-from phi3v.validate import default_workers, validate_split  # noqa: E402
+from phi3v.data.sources import load_hub_source  # noqa: E402
+from phi3v.data.synthetic import DOCVQA_MINI_FEATURES, _write_readme  # noqa: E402
+from phi3v.data.validation import default_workers, validate_split  # noqa: E402
+from phi3v.models.tiny import write_tiny_checkpoint  # noqa: E402
+from phi3v.task import load_task  # noqa: E402
 
 FULL_DOCVQA_IMAGES = 39_463
 OFFICIAL = REPO.parent / "shared" / "reference" / "phi35v_official"

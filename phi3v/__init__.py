@@ -11,9 +11,9 @@ quiet_expected_messages()  # before the libraries below log what every run here 
 
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoProcessor  # noqa: E402
 
-from .configuration import Phi3VConfig  # noqa: E402
-from .modeling import Phi3VForCausalLM, Phi3VModel  # noqa: E402
-from .processing import Phi3VImageProcessor, Phi3VProcessor  # noqa: E402
+from .models.configuration import Phi3VConfig  # noqa: E402
+from .models.modeling import Phi3VForCausalLM, Phi3VModel  # noqa: E402
+from .models.processing import Phi3VImageProcessor, Phi3VProcessor  # noqa: E402
 
 AutoConfig.register(Phi3VConfig.model_type, Phi3VConfig, exist_ok=True)
 AutoModelForCausalLM.register(Phi3VConfig, Phi3VForCausalLM, exist_ok=True)

@@ -1,19 +1,28 @@
-"""Command-line flags of the recipes: the original's flags with their original defaults, plus a few more.
+"""Command-line flags: the recipes' (the original's flags with their original defaults, plus a few more)
+and those of every ``python -m phi3v.*`` program.
 
-Every recipe parses ``RecipeArguments`` (or a small subclass adding its own flags) with
-``parse_args``; ``--help`` lists them all. Checks that need no model run in ``__post_init__``, so a bad
-flag fails in a second, not after the model has loaded.
+Every program parses a dataclass of flags with ``parse_args``: each field is a ``--flag`` with its help
+text (``--help`` lists them all), or a positional argument where its metadata says ``positional``. Checks
+that need no model run in ``__post_init__``, so a bad flag fails in a second, not after the model has loaded.
+
+    python -m phi3v.args --markdown > docs/flags.md     # the flag reference, generated from the help texts
 """
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
 import json
 import logging
-from dataclasses import dataclass, field
+import sys
+from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
-from typing import TypeVar
+from types import ModuleType
+from typing import Any, TypeVar, get_args, get_origin
 
 from transformers import HfArgumentParser
+
+from .errors import RecipeError
 
 logger = logging.getLogger(__name__)
 
@@ -22,13 +31,20 @@ OFFICIAL_MODEL = "microsoft/Phi-3.5-vision-instruct"
 CAULDRON = "HuggingFaceM4/the_cauldron"
 
 
-def flag(default, help: str, **kwargs):
+def flag(default: Any, help: str, **kwargs: Any) -> Any:
+    """A ``--flag`` with its default and help text (``kwargs`` go to argparse: choices, required, ...)."""
     return field(default=default, metadata={"help": help, **kwargs})
+
+
+def positional(help: str, **kwargs: Any) -> Any:
+    """A required positional argument."""
+    return field(metadata={"help": help, "positional": True, **kwargs})
 
 
 @dataclass
 class RecipeArguments:
-    """Flags shared by the four recipes (spec §1.1); the new ones are marked (new)."""
+    """Flags shared by the recipes (the original scripts' argparse flags, same names and defaults); the new
+    ones are marked (new)."""
 
     model_name_or_path: str = flag(OFFICIAL_MODEL, "hub id or local folder of the model")
     dataset_name_or_path: str = flag("", "(new) hub id or local folder mirroring the hub repository")
@@ -47,7 +63,7 @@ class RecipeArguments:
     warmup_steps: int = flag(50, "(new flag, original value) linear warm-up steps")
     logging_steps: int = flag(10, "(new flag, original value) log the loss every this many steps")
     no_tqdm: bool = flag(False, "disable progress bars")
-    lora_rank: int = flag(64, "LoRA rank")
+    lora_rank: int = flag(64, "LoRA rank: the inner dimension of each adapter pair")
     lora_alpha_ratio: float = flag(2.0, "LoRA alpha = round(rank * ratio)")
     lora_dropout: float = flag(0.0, "LoRA dropout")
     freeze_vision_model: bool = flag(False, "freeze CLIP, the projector and the separators")
@@ -117,7 +133,7 @@ class RecipeArguments:
             logger.info("--use_flash_attention implies --bf16.")
             self.bf16 = True
         if self.use_liger_kernel:
-            from .liger import check_liger_available
+            from .models.liger import check_liger_available
 
             check_liger_available()
         if self.deepspeed.lower() in ("", "none"):
@@ -153,13 +169,32 @@ def _find_config(path: str) -> Path:
     raise ValueError(f"--deepspeed {path}: no such file (looked in . and {REPO_ROOT}). Pass 'none' for plain DDP.")
 
 
-ArgsT = TypeVar("ArgsT", bound=RecipeArguments)
+ArgsT = TypeVar("ArgsT")
 
 
-def parse_args(arguments_class: type[ArgsT], argv: list[str] | None = None) -> ArgsT:
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown after each flag's help; the program's description printed as written."""
+
+
+class _Parser(HfArgumentParser):
+    """HfArgumentParser, where a field whose metadata says ``positional`` is a positional argument."""
+
+    @staticmethod
+    def _parse_dataclass_field(parser: argparse.ArgumentParser, field) -> None:
+        if not field.metadata.get("positional"):
+            return HfArgumentParser._parse_dataclass_field(parser, field)
+        kwargs = {key: value for key, value in field.metadata.items() if key not in ("positional", "required")}
+        if get_origin(field.type) is list:
+            kwargs.update(nargs="+", type=get_args(field.type)[0])
+        else:
+            kwargs["type"] = field.type
+        parser.add_argument(field.name, **kwargs)
+
+
+def parse_args(arguments_class: type[ArgsT], argv: list[str] | None = None, description: str | None = None) -> ArgsT:
     """Parse the command line into ``arguments_class``; unknown flags and bad values exit with a usage error."""
-    parser = HfArgumentParser(arguments_class, allow_abbrev=False)  # a typo must not pick a flag
-    try:
+    parser = _Parser(arguments_class, allow_abbrev=False, description=description, formatter_class=_HelpFormatter)
+    try:  # allow_abbrev=False: a typo must not pick a flag
         (args,) = parser.parse_args_into_dataclasses(args=argv)
     except ValueError as error:  # a check of __post_init__: say it like argparse does, without a traceback
         parser.error(str(error))
@@ -170,9 +205,161 @@ def gradient_accumulation_steps(batch_size: int, world_size: int, batch_size_per
     """batch_size / (world_size * batch_size_per_gpu), which must divide exactly."""
     per_step = world_size * batch_size_per_gpu
     if batch_size % per_step:
-        raise ValueError(
+        raise RecipeError(
             f"--batch_size {batch_size} is not a multiple of world size {world_size} x --batch_size_per_gpu "
             f"{batch_size_per_gpu} = {per_step}. Pick a --batch_size that is, e.g. "
             f"{per_step * max(1, batch_size // per_step)}."
         )
     return batch_size // per_step
+
+
+# --- the flags of the python -m phi3v.* programs -----------------------------------------------------------
+
+EXPORT_DTYPES = ("bfloat16", "float16", "float32")
+
+
+@dataclass
+class ExportArguments:
+    model: str = flag(None, "a run's --output_dir (LoRA, QLoRA or full finetuning)", required=True)
+    out: str = flag(None, "folder to write", required=True)
+    base: str | None = flag(None, "base model of a LoRA run (default: the one its adapter config names)")
+    dtype: str = flag("bfloat16", "dtype of the exported weights", choices=list(EXPORT_DTYPES))
+    overwrite: bool = flag(False, "replace --out when it already holds files")
+
+
+@dataclass
+class PredictArguments:
+    model: str = flag(None, "an exported folder, or a run's --output_dir", required=True)
+    base: str | None = flag(None, "base model of a LoRA run (default: the one its adapter config names)")
+    image: list[str] = field(
+        default_factory=list, metadata={"help": "an image (repeat for several, in order)", "action": "append"}
+    )
+    question: str | None = flag(None, "the question, about the --image(s) in order")
+    questions: str | None = flag(None, "jsonl file of questions, answered in batches")
+    answers: str | None = flag(None, "where the answers to --questions go (jsonl)")
+    image_dir: str | None = flag(None, "folder the --questions image paths are relative to (default: its folder)")
+    num_crops: int | None = flag(None, "crops per image (default: the run's)")
+    max_new_tokens: int = flag(64, "tokens generated per answer, at most")
+    batch_size: int = flag(8, "questions answered together")
+    device: str | None = flag(None, "cpu, cuda, cuda:1, ... (default: a GPU if there is one)")
+    dtype: str = flag("float32", "float32, or bfloat16 on a GPU", choices=["float32", "bfloat16", "float16"])
+
+    def __post_init__(self) -> None:
+        # --image a --image b and --image a b alike
+        self.image = [path for group in self.image for path in (group if isinstance(group, list) else [group])]
+        if (self.question is None) == (self.questions is None):
+            raise ValueError("give either --question (with --image) or --questions (with --answers)")
+        if self.questions is not None and self.answers is None:
+            raise ValueError("--questions needs --answers, the file the answers are written to")
+
+
+@dataclass
+class RunsArguments:
+    paths: list[str] = positional("run folders, or folders holding them (two levels deep)")
+    csv: bool = flag(False, "comma-separated values instead of a text table")
+
+
+@dataclass
+class TinyArguments:
+    out: str = flag(None, "folder to write (created if missing)", required=True)
+    crop_size: int = flag(336, "crop side in pixels (official: 336)")
+    patch_size: int = flag(14, "CLIP patch side in pixels (official: 14)")
+    num_crops: int = flag(4, "processor default num_crops (official: 4)")
+    seed: int = flag(0, "seed of the random weights")
+
+    def __post_init__(self) -> None:
+        if self.crop_size % (2 * self.patch_size):
+            raise ValueError(f"--crop_size {self.crop_size} must be a multiple of 2 x --patch_size {self.patch_size}.")
+
+
+SYNTHETIC_TASKS = ("docvqa", "hateful_memes", "nlvr2", "ucf101", "custom")
+
+
+@dataclass
+class SyntheticArguments:
+    task: str = positional("the dataset to imitate", choices=list(SYNTHETIC_TASKS))
+    out: str = flag(None, "folder to write", required=True)
+    num_train: int | None = flag(
+        None,
+        "rows: docvqa train rows (default 200); the_cauldron rows, of which the recipes hold out the first "
+        "--eval_size (default 700); ucf101 training clips per class (default 4); custom training records (40)",
+    )
+    num_test: int | None = flag(None, "DocVQA test rows (40); custom evaluation records (10)")
+    answer_variants: int = flag(1, "DocVQA answers per question", choices=[1, 2, 3])
+    seed: int = flag(0, "seed of the generated data")
+
+
+def load_script(script: str) -> ModuleType:
+    """A recipe script as a module, by path or short name ("docvqa" for finetune_hf_trainer_docvqa.py)."""
+    path = Path(script)
+    if not path.is_file():
+        path = REPO_ROOT / f"finetune_hf_trainer_{script}.py"
+    if not path.is_file():
+        raise RecipeError(f"{script}: no such recipe script (give its path, or docvqa, nlvr2, ...)")
+    loaded = sys.modules.get(path.stem)
+    if loaded is not None and Path(getattr(loaded, "__file__", "")).resolve() == path.resolve():
+        return loaded
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module  # a dataclass looks its module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+# --- the flag reference -------------------------------------------------------------------------------------
+
+CLI_ARGUMENTS = {
+    "python -m phi3v.export": ExportArguments,
+    "python -m phi3v.predict": PredictArguments,
+    "python -m phi3v.runs": RunsArguments,
+    "python -m phi3v.tiny": TinyArguments,
+    "python -m phi3v.synthetic": SyntheticArguments,
+}
+
+
+def flags_markdown() -> str:
+    """docs/flags.md: every flag of the recipes and programs, from the dataclasses' help texts."""
+    sections = [
+        "# Flags\n\nGenerated by `python -m phi3v.args --markdown` from the help texts in `phi3v/args.py` and the "
+        "recipe scripts; a test keeps this page equal to it. `--help` on any script or program prints the same.\n",
+        "## Every recipe\n\n" + _flag_table(RecipeArguments, fields(RecipeArguments)),
+    ]
+    for script in sorted(REPO_ROOT.glob("finetune_hf_trainer_*.py")):
+        arguments = load_script(str(script)).TASK.arguments
+        own = [f for f in fields(arguments) if _differs(f, arguments)]
+        sections.append(f"## `{script.name}`\n\nEvery recipe's flags, and:\n\n" + _flag_table(arguments, own))
+    converter = load_script(str(REPO_ROOT / "convert_ucf101.py")).ConvertArguments
+    sections.append("## `convert_ucf101.py`\n\n" + _flag_table(converter, fields(converter)))
+    sections.append("## `python -m phi3v.validate SCRIPT`\n\nSCRIPT (a recipe script or its short name) and that "
+                    "script's flags, as above.\n")  # fmt: skip
+    for program, arguments in CLI_ARGUMENTS.items():
+        sections.append(f"## `{program}`\n\n" + _flag_table(arguments, fields(arguments)))
+    return "\n".join(sections)
+
+
+def _differs(field_: Field, arguments: type) -> bool:
+    """A flag a recipe adds, or one whose default or help it changes."""
+    shared = {f.name: f for f in fields(RecipeArguments)}.get(field_.name)
+    return shared is None or (shared.default, shared.metadata) != (field_.default, field_.metadata)
+
+
+def _flag_table(arguments: type, flags: list[Field]) -> str:
+    rows = ["| flag | default | what it does |", "| --- | --- | --- |"]
+    for f in flags:
+        name = f.name if f.metadata.get("positional") else f"--{f.name}"
+        if f.metadata.get("required") or f.metadata.get("positional"):
+            default = "required"
+        elif f.default_factory is not MISSING:
+            default = f"`{f.default_factory()}`"
+        else:
+            default = f"`{f.default}`" if f.default != "" else '`""`'
+        text = f.metadata["help"] + (f" (one of: {', '.join(map(str, f.metadata['choices']))})"
+                                      if "choices" in f.metadata else "")  # fmt: skip
+        rows.append(f"| `{name}` | {default} | {text.replace('|', '/')} |")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--markdown"]:
+        sys.exit("usage: python -m phi3v.args --markdown")
+    print(flags_markdown(), end="")

@@ -10,6 +10,8 @@ import logging
 import os
 import warnings
 
+import transformers
+
 # (logger name, message): logged by libraries for conditions the recipes expect.
 EXPECTED_LOG_RECORDS = (
     # bitsandbytes looks for an optional faster CPU kernel package at import; GPUs never use it.
@@ -23,7 +25,7 @@ EXPECTED_LOG_RECORDS = (
 
 # (category, message regex): Python warnings for expected conditions.
 EXPECTED_WARNINGS = (
-    # lm_head is a LoRA target in the original recipe, so PEFT saves the embedding layers (README, LoRA).
+    # lm_head is a LoRA target in the original recipe, so PEFT saves the embedding layers (docs/training.md, LoRA).
     (UserWarning, "Setting `save_embedding_layers` to `True`"),
     # DeepSpeed ZeRO-3 calls collectives torch renamed; one warning per call would flood the log.
     (FutureWarning, r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated"),
@@ -51,3 +53,12 @@ def quiet_expected_messages() -> None:
 
 def available_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def setup_logging(is_main_process: bool) -> None:
+    level = logging.INFO if is_main_process else logging.WARNING
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level)
+    logging.getLogger("phi3v").setLevel(level)
+    transformers.utils.logging.set_verbosity(
+        transformers.logging.WARNING if is_main_process else transformers.logging.ERROR
+    )

@@ -1,8 +1,15 @@
-"""The one exception type for problems the user has to fix (bad data, flags, folders, a diverging run).
+"""The error policy: a problem the user can fix raises ``RecipeError``; every entry point prints it as one
+``error: ...`` message, without a traceback, and exits non-zero. Any other exception is a bug and keeps its
+traceback.
 
-Recipes catch it at the top and print its message without a traceback: the message names what is wrong,
-where (file, line, row, flag) and what to do.
+The message names what is wrong, where (flag, file, line, row) and what to do.
 """
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
 
 
 class RecipeError(Exception):
@@ -11,3 +18,21 @@ class RecipeError(Exception):
 
 class SharedError(RecipeError):
     """A problem every rank finds at once, from a decision they share: the main process alone reports it."""
+
+
+def user_error_message(error: RecipeError) -> str:
+    return f"error: {error}"
+
+
+def command(main: Callable[..., int | None]) -> Callable[..., int]:
+    """A ``python -m phi3v.*`` program's ``main``: its exit status, 1 with the message for a RecipeError."""
+
+    @functools.wraps(main)
+    def run(*args, **kwargs) -> int:
+        try:
+            return main(*args, **kwargs) or 0
+        except RecipeError as error:
+            print(user_error_message(error), file=sys.stderr)
+            return 1
+
+    return run

@@ -17,8 +17,7 @@ import torch
 from accelerate import PartialState
 from tqdm import tqdm
 
-from .collators import EvalCollator
-from .data import evaluation_loader
+from .data.collators import EvalCollator, evaluation_loader
 from .distributed import gathered
 from .likelihood import label_log_likelihoods
 
@@ -30,7 +29,7 @@ def _normalize_prediction(text: str) -> str:
 
 
 def anls(predictions: Sequence[str], references: Sequence[Sequence[str]], threshold: float = 0.5) -> float:
-    """Average Normalized Levenshtein Similarity, as the original recipe computes it (spec §1.11).
+    """Average Normalized Levenshtein Similarity, as the original ``finetune_hf_trainer_docvqa.py`` computes it.
 
     Per question: max over references of 1 - NL, where NL = distance / max(len(ref), len(pred)), and 0
     when NL >= threshold. Predictions are stripped of spaces and dots; nothing is lowercased.
@@ -51,7 +50,8 @@ def anls(predictions: Sequence[str], references: Sequence[Sequence[str]], thresh
 
 
 def accuracy(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
-    """Exact match after stripping spaces and dots and lowercasing both sides (spec §1.11)."""
+    """Exact match after stripping spaces and dots and lowercasing both sides, as the original classification
+    recipes score."""
 
     def normalize(text: str) -> str:
         return _normalize_prediction(text).lower()

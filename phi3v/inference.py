@@ -12,21 +12,25 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from peft import PeftModel
+from tqdm import tqdm
 from transformers import AutoProcessor
 
-from .data import Conversation, EvaluationSamples, Turn
+from .data.conversation import Conversation, Turn
+from .data.conversation_files import text_lines
+from .data.images import BadImageError, ImageRef, load_sample_image
+from .data.samples import EvaluationSamples
+from .data.sources import RowSource
 from .errors import RecipeError
 from .evaluation import generate_answers
-from .images import ImageRef
-from .modeling import Phi3VForCausalLM
-from .sources import RowSource
+from .hub import HUB_ID, require_folder
+from .models.modeling import Phi3VForCausalLM
+from .training.loading import load_model
 
 logger = logging.getLogger(__name__)
 
@@ -57,10 +61,9 @@ def load_trained(
     device: str | None = None,
     num_crops: int | None = None,
 ) -> Trained:
-    """The model in ``model_dir`` ready for inference on ``device`` (default: a GPU if there is one)."""
-    model_dir = Path(model_dir)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    kwargs = {"dtype": dtype, "attn_implementation": "sdpa"}
+    """The model in ``model_dir`` ready for inference on ``device`` (default: this process's GPU if there is
+    one), with its processor (``num_crops``, default the one the run trained with)."""
+    model_dir = require_folder(model_dir, "--model")
     is_lora = (model_dir / "adapter_config.json").is_file()
     if not is_lora and not (model_dir / "config.json").is_file():
         raise RecipeError(f"{model_dir} holds neither adapter_config.json (LoRA) nor config.json (a full model).")
@@ -70,15 +73,12 @@ def load_trained(
         if base is None:
             raise RecipeError(f"{model_dir}/adapter_config.json names no base model: pass --base.")
         base = _base_model(base, model_dir, given)
-        model = PeftModel.from_pretrained(Phi3VForCausalLM.from_pretrained(base, **kwargs), model_dir)
+        model = load_model(base, dtype=dtype, device=device, adapters=model_dir, flag="--base")
     else:
-        model = Phi3VForCausalLM.from_pretrained(model_dir, **kwargs)
+        model = load_model(model_dir, dtype=dtype, device=device, flag="--model")
     processor_kwargs = {"num_crops": num_crops} if num_crops else {}
     processor = AutoProcessor.from_pretrained(model_dir, **processor_kwargs)
-    return Trained(model.to(device).eval(), processor, "lora" if is_lora else "full", base)
-
-
-HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
+    return Trained(model.eval(), processor, "lora" if is_lora else "full", base)
 
 
 def _base_model(base: str, model_dir: Path, given: bool) -> str:
@@ -122,3 +122,70 @@ def ask(
         trained.model, trained.processor, prompts, list(range(len(prompts))), batch_size, max_new_tokens, False
     )
     return [result["generated_text"].strip() for result in sorted(results, key=lambda r: r["index"])]
+
+
+def read_questions(path: Path, image_dir: Path) -> list[dict]:
+    """The questions of a jsonl file, every line and image checked before the model loads."""
+    if not path.is_file():
+        raise RecipeError(f"--questions {path}: no such file.")
+    image_dir = image_dir.resolve()
+    questions, problems = [], []
+    for number, line, not_text in text_lines(path.read_bytes()):
+        if not_text is not None:
+            problems.append(f"{path}:{number}: {not_text}")
+            continue
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as error:
+            problems.append(f"{path}:{number}: not valid JSON ({error.msg})")
+            continue
+        images = item.get("images", []) if isinstance(item, dict) else None
+        if not isinstance(item, dict) or not isinstance(item.get("question"), str) or not isinstance(images, list):
+            problems.append(f'{path}:{number}: needs a string "question" and a list "images"')
+            continue
+        resolved = [(image_dir / image).resolve() for image in images]
+        escaping = [image for image, full in zip(images, resolved) if not full.is_relative_to(image_dir)]
+        missing = [str(full) for full in resolved if full.is_relative_to(image_dir) and not full.is_file()]
+        if escaping or missing:
+            problems.append(f"{path}:{number}: images leave {image_dir}: {escaping}" if escaping else
+                            f"{path}:{number}: missing images {missing}")  # fmt: skip
+            continue
+        unreadable = unreadable_images(resolved)
+        if unreadable:
+            problems += [f"{path}:{number}: {problem}" for problem in unreadable]
+            continue
+        questions.append({**item, "images": [str(full) for full in resolved]})
+    if problems:
+        raise RecipeError("\n".join(problems))
+    return questions
+
+
+def unreadable_images(images: list[Path]) -> list[str]:
+    problems = []
+    for number, image in enumerate(images, start=1):
+        try:
+            load_sample_image(number, image)
+        except BadImageError as error:
+            problems.append(str(error))
+    return problems
+
+
+def write_answers(trained: Trained, items: list[dict], answers: Path, max_new_tokens: int, batch_size: int) -> None:
+    """Answer ``items`` batch by batch, each batch's answers written (and flushed) as soon as they exist."""
+    try:
+        out = open(answers, "w")  # noqa: SIM115  (closed below, after the last batch)
+    except OSError as error:
+        raise RecipeError(f"--answers {answers}: cannot be written ({error.strerror}).") from None
+    with out, tqdm(total=len(items), desc="answering", unit="question") as bar:
+        for start in range(0, len(items), batch_size):
+            batch = items[start : start + batch_size]
+            try:
+                pairs = [(item["question"], item["images"]) for item in batch]
+                replies = ask(trained, pairs, max_new_tokens, batch_size=len(batch))
+            except (RecipeError, ValueError, OSError) as error:
+                raise RecipeError(f"{error}\nThe answers to the first {start} questions are in {answers}.") from error
+            out.writelines(json.dumps({**item, "answer": reply}) + "\n" for item, reply in zip(batch, replies))
+            out.flush()
+            bar.update(len(batch))

@@ -13,8 +13,9 @@ from collections.abc import Sequence
 import torch
 from tqdm import tqdm
 
-from .data import ANSWER_SUFFIX, evaluation_loader
-from .processing import pad_sequences
+from .data.collators import evaluation_loader
+from .data.conversation import ANSWER_SUFFIX
+from .models.processing import pad_sequences
 
 
 def _as_list(examples: list[dict]) -> list[dict]:

@@ -1,4 +1,4 @@
-"""The recipe every script runs: check, evaluate, train, save, reload, evaluate (spec §1).
+"""The recipe every script runs: check, evaluate, train, save, reload, evaluate, as the original scripts do.
 
 A script supplies a ``Task``: its flags, how to load its splits, what a row becomes for training and
 for evaluation, and its metric. Everything else is shared, so the scripts differ only there.
@@ -11,29 +11,28 @@ for evaluation, and its metric. Everything else is shared, so the scripts differ
 from __future__ import annotations
 
 import gc
-import importlib.util
 import json
 import logging
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import torch
 import transformers
 from accelerate import PartialState
 
-from .args import REPO_ROOT, RecipeArguments, gradient_accumulation_steps
-from .checkpoints import SKIPPED_SAMPLES, check_training_data, prepare_output_dir
-from .console import available_cpus
-from .data import Conversation, EvaluationSamples, TrainingSamples
+from .args import RecipeArguments, gradient_accumulation_steps
+from .console import available_cpus, setup_logging
+from .data.samples import EvaluationSamples, TrainingSamples
+from .data.validation import SKIPPED_SAMPLES
 from .distributed import set_collective_timeout
 from .errors import RecipeError
 from .evaluation import evaluate
-from .failure import (
+from .report import MetricsCallback, plot_report, step_records, update_metrics, write_run_args
+from .task import Task, load_sources, validate_task_data
+from .training.checkpoints import check_training_data, prepare_output_dir
+from .training.failure import (
     EVALUATING_AFTER,
     EVALUATING_BEFORE,
     EXIT_DEADLINE_S,
@@ -45,66 +44,17 @@ from .failure import (
     report_failure,
     reported_here,
 )
-from .preemption import StopRequest
-from .report import MetricsCallback, plot_report, step_records, update_metrics, write_run_args
-from .sources import RowSource
-from .training import (
-    load_model,
-    load_processor,
-    load_trained_for_evaluation,
-    prepare_for_training,
-    setup_distributed,
-    train_and_save,
-)
-from .validate import validate_recipe_data
+from .training.loading import load_for_recipe, load_processor, load_trained_for_evaluation
+from .training.preemption import StopRequest
+from .training.preparation import prepare_for_training
+from .training.trainer import setup_distributed, train_and_save
 
 logger = logging.getLogger("phi3v")
 
 
-@dataclass
-class Task:
-    arguments: type[RecipeArguments]  # the script's flags
-    metric: str | None  # "anls" or "accuracy"; None: the script's --metric flag decides
-    load_splits: Callable[[Any], tuple[RowSource, RowSource]]  # args -> (training rows, evaluation rows)
-    # What a row becomes for training, or a list of conversations of which one is drawn at random each
-    # time the row is seen (DocVQA: one per reference answer, as the original's random.choice).
-    train_conversation: Callable[[Any], Conversation | list[Conversation]]
-    eval_conversation: Callable[[Any], Conversation]
-    classification: bool = False  # answers come from a fixed set of labels: --eval_mode likelihood applies
-    auroc_label: str | None = None  # score the labels in every evaluation and report this one's AUROC
-
-
-def load_task(script: str) -> Task:
-    """The ``TASK`` of a recipe script, by path or short name ("docvqa" for finetune_hf_trainer_docvqa.py)."""
-    path = Path(script)
-    if not path.is_file():
-        path = REPO_ROOT / f"finetune_hf_trainer_{script}.py"
-    if not path.is_file():
-        raise SystemExit(f"error: {script}: no such recipe script (give its path, or docvqa, nlvr2, ...)")
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.TASK
-
-
-def load_sources(task: Task, args: RecipeArguments) -> tuple[RowSource, RowSource]:
-    """The task's splits, evaluation limited to --max_eval_samples."""
-    train, held_out = task.load_splits(args)
-    return train, held_out.select(held_out.indices[: args.max_eval_samples])
-
-
-def setup_logging(is_main_process: bool) -> None:
-    level = logging.INFO if is_main_process else logging.WARNING
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level)
-    logging.getLogger("phi3v").setLevel(level)
-    transformers.utils.logging.set_verbosity(
-        transformers.logging.WARNING if is_main_process else transformers.logging.ERROR
-    )
-
-
 def run_recipe(task: Task, args: RecipeArguments) -> dict[str, float | None]:
     """Run the recipe. Whatever fails ends it within seconds with one message and exit status 1
-    (``phi3v.failure``): a problem the user must fix without a traceback, anything else with one."""
+    (``phi3v.training.failure``): a problem the user must fix without a traceback, anything else with one."""
     state = setup_distributed(args)
     setup_logging(state.is_main_process)
     install_exit_handler()
@@ -167,7 +117,7 @@ def _run(
         positive_label=task.auroc_label,
     )
     stop_request.install()
-    model = load_model(args, quantize=args.use_qlora)
+    model = load_for_recipe(args, quantize=args.use_qlora)
     set_collective_timeout(args.ddp_timeout)  # loaded: from now on no rank waits long for another
     progress.phase = EVALUATING_BEFORE
     before = _evaluate_before(run_evaluation, model, output_dir, metric, resume_from)
@@ -222,7 +172,7 @@ def _checked_datasets(task: Task, args: RecipeArguments, processor, state, resum
     with state.main_process_first():
         train, held_out = load_sources(task, args)
     listing = Path(args.output_dir) / SKIPPED_SAMPLES if state.is_main_process else None
-    checked = validate_recipe_data(task, args, processor, train, held_out, listing, resumed)
+    checked = validate_task_data(task, args, processor, train, held_out, listing, resumed)
     train_set = TrainingSamples(
         train, checked.train_rows, task.train_conversation, processor, args.seed, checked.train_lengths
     )

@@ -27,6 +27,8 @@ from transformers import TrainerCallback
 from .args import RecipeArguments
 
 STEP_KEYS = ("loss", "learning_rate", "grad_norm")
+# Flags that name where a run is, not what it does: not compared between runs.
+NOT_COMPARED = {"output_dir", "resume_from_checkpoint", "overwrite_output_dir", "no_tqdm", "report_to"}
 
 
 def package_version() -> str:
@@ -123,3 +125,53 @@ def plot_report(output_dir: Path) -> Path:
     figure.savefig(path, dpi=100)
     plt.close(figure)
     return path
+
+
+def find_runs(paths: list[Path]) -> list[Path]:
+    runs = []
+    for path in paths:
+        if (path / "run_args.json").is_file():
+            runs.append(path)
+        else:
+            runs += sorted({p.parent for p in [*path.glob("*/run_args.json"), *path.glob("*/*/run_args.json")]})
+    return runs
+
+
+def run_row(run: Path) -> dict[str, Any]:
+    flags = json.loads((run / "run_args.json").read_text())["flags"]
+    metrics_file = run / "metrics.json"
+    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+    return {"run": str(run), "flags": flags, **metrics}
+
+
+def differing_flags(rows: list[dict[str, Any]]) -> list[str]:
+    names = sorted({name for row in rows for name in row["flags"]} - NOT_COMPARED)
+    return [name for name in names if len({json.dumps(row["flags"].get(name)) for row in rows}) > 1]
+
+
+def table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    flags = differing_flags(rows)
+    metric = next((row["metric"] for row in rows if row.get("metric")), "metric")
+    header = ["run", *flags, f"{metric} before", f"{metric} after", "final loss", "images/s", "train time (s)"]
+    ordered = sorted(rows, key=lambda row: (row.get("after") is None, -(row.get("after") or 0.0)))
+    body = [
+        [
+            row["run"],
+            *[_cell(row["flags"].get(flag)) for flag in flags],
+            _cell(row.get("before")),
+            _cell(row.get("after")),
+            _cell(row.get("final_loss")),
+            _cell(row.get("train_images_per_second")),
+            _cell(row.get("train_runtime_s")),
+        ]
+        for row in ordered
+    ]
+    return header, body
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)

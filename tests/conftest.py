@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import phi3v  # noqa: F401  (registers the Auto classes)
-from phi3v.tiny import write_tiny_checkpoint
+from phi3v.models.tiny import write_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = Path(os.environ.get("PHI3V_REFERENCE_DIR", REPO.parent / "shared" / "reference"))

@@ -2,7 +2,17 @@
 
 import pytest
 
-from phi3v.args import RecipeArguments, gradient_accumulation_steps, parse_args
+from phi3v.args import (
+    ExportArguments,
+    PredictArguments,
+    RecipeArguments,
+    RunsArguments,
+    SyntheticArguments,
+    TinyArguments,
+    gradient_accumulation_steps,
+    parse_args,
+)
+from phi3v.errors import RecipeError
 
 
 def test_original_defaults():
@@ -65,5 +75,31 @@ def test_gradient_accumulation(batch, world, per_gpu, expected):
 
 
 def test_gradient_accumulation_must_divide():
-    with pytest.raises(ValueError, match="not a multiple of world size 3 x --batch_size_per_gpu 2 = 6"):
+    with pytest.raises(RecipeError, match="not a multiple of world size 3 x --batch_size_per_gpu 2 = 6"):
         gradient_accumulation_steps(16, 3, 2)
+
+
+def test_programs_parse_positionals_and_repeated_flags_like_the_recipes():
+    runs = parse_args(RunsArguments, ["runs/a", "runs/b", "--csv"])
+    assert runs.paths == ["runs/a", "runs/b"] and runs.csv is True
+    assert parse_args(SyntheticArguments, ["nlvr2", "--out", "d"]).task == "nlvr2"
+    once = parse_args(PredictArguments, ["--model", "m", "--question", "q", "--image", "a.png", "b.png"])
+    repeated = parse_args(PredictArguments, ["--model", "m", "--question", "q", "--image", "a.png", "--image", "b.png"])
+    assert once.image == repeated.image == ["a.png", "b.png"]
+
+
+@pytest.mark.parametrize(
+    "arguments, argv, message",
+    [
+        (SyntheticArguments, ["mnist", "--out", "d"], "invalid choice: 'mnist'"),
+        (ExportArguments, ["--model", "m"], "the following arguments are required: --out"),
+        (PredictArguments, ["--model", "m"], "give either --question"),
+        (PredictArguments, ["--model", "m", "--questions", "q.jsonl"], "--questions needs --answers"),
+        (TinyArguments, ["--out", "d", "--crop_size", "50"], "must be a multiple of 2 x --patch_size 14"),
+        (RunsArguments, [], "the following arguments are required: paths"),
+    ],
+)
+def test_bad_program_flags_are_usage_errors(arguments, argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        parse_args(arguments, argv)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from convert_ucf101 import BadVideoError, convert, frame_indices, read_frames
-from phi3v.synthetic import UCF101_CLASSES, write_ucf101
+from phi3v.data.synthetic import UCF101_CLASSES, write_ucf101
 
 
 def test_frame_indices_match_the_original_spacing():

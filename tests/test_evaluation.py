@@ -5,10 +5,11 @@ import pytest
 import torch
 from PIL import Image
 
-from phi3v.data import ANSWER_SUFFIX, Conversation, EvaluationSamples, Turn
+from phi3v.data.conversation import ANSWER_SUFFIX, Conversation, Turn
+from phi3v.data.samples import EvaluationSamples
+from phi3v.data.sources import RowSource
 from phi3v.evaluation import accuracy, anls, auroc, restore_order, shard_indices
 from phi3v.likelihood import label_log_likelihoods
-from phi3v.sources import RowSource
 
 
 def test_anls_values():

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from convert_ucf101 import convert
-from phi3v.synthetic import write_cauldron, write_docvqa, write_ucf101
+from phi3v.data.synthetic import write_cauldron, write_docvqa, write_ucf101
 from tests.conftest import REPO
 
 

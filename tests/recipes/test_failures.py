@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from phi3v.checkpoints import incompleteness
-from phi3v.synthetic import write_custom, write_docvqa
+from phi3v.data.synthetic import write_custom, write_docvqa
+from phi3v.training.checkpoints import incompleteness
 from tests.conftest import REPO, flip_bytes
 from tests.recipes.conftest import kill_everything, launch, launch_failing, recipe_command, recipe_env, wait_until
 

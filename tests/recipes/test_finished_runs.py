@@ -14,11 +14,11 @@ from safetensors import safe_open
 
 import phi3v.predict as predict_module
 from phi3v import Phi3VForCausalLM
+from phi3v.data.synthetic import shape_image, write_custom, write_docvqa
 from phi3v.errors import RecipeError
-from phi3v.export import export
+from phi3v.exporting import export
 from phi3v.predict import main as predict
 from phi3v.runs import main as runs_table
-from phi3v.synthetic import shape_image, write_custom, write_docvqa
 from tests.conftest import REFERENCE
 from tests.recipes.conftest import launch
 
@@ -133,7 +133,7 @@ def test_an_interrupted_export_leaves_no_half_written_folder(finished, tmp_path,
     def fail(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("phi3v.export._write_processor_files", fail)  # after the weights were written
+    monkeypatch.setattr("phi3v.exporting._write_processor_files", fail)  # after the weights were written
     with pytest.raises(OSError):
         export(finished["lora"], tmp_path / "export")
     assert list(tmp_path.iterdir()) == []

@@ -13,12 +13,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from phi3v.data import EvaluationSamples
+from phi3v.data.samples import EvaluationSamples
+from phi3v.data.sources import load_cauldron_splits, load_hub_dataset
+from phi3v.data.synthetic import write_cauldron
 from phi3v.evaluation import evaluate
 from phi3v.inference import load_trained
-from phi3v.recipe import load_task
-from phi3v.sources import load_cauldron_splits, load_hub_dataset
-from phi3v.synthetic import write_cauldron
+from phi3v.task import load_task
 from tests.conftest import REPO
 from tests.recipes.conftest import free_port, launch
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from phi3v.checkpoints import MARKER, incompleteness
-from phi3v.synthetic import write_docvqa
+from phi3v.data.synthetic import write_docvqa
+from phi3v.training.checkpoints import MARKER, incompleteness
 from tests.conftest import REPO
 from tests.recipes.conftest import kill_everything, launch, recipe_command, recipe_env, wait_until
 

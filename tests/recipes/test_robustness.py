@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from phi3v.synthetic import _write_readme, shape_image, write_cauldron
-from phi3v.tiny import write_tiny_checkpoint
+from phi3v.data.synthetic import _write_readme, shape_image, write_cauldron
+from phi3v.models.tiny import write_tiny_checkpoint
 from tests.recipes.conftest import launch, launch_failing
 
 UCF101 = "finetune_hf_trainer_ucf101.py"

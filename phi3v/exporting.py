@@ -1,0 +1,206 @@
+"""A finished run written as a standalone model folder in the official Phi-3.5-vision layout
+(``python -m phi3v.export``: what the folder holds and how it is checked)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+import transformers
+from PIL import Image, ImageDraw
+from safetensors.torch import save_file
+
+from .data.conversation import Conversation, Turn
+from .data.samples import encode_conversation
+from .errors import RecipeError
+from .hub import require_folder
+from .inference import Trained, load_trained, run_base_model
+from .models.processing import Phi3VProcessor
+from .training.loading import load_model
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+MAX_SHARD_BYTES = 5 * 1024**3  # the official checkpoint's shards are 4.94 GB and 3.35 GB
+OFFICIAL_AUTO_MAP = {
+    "AutoConfig": "configuration_phi3_v.Phi3VConfig",
+    "AutoModelForCausalLM": "modeling_phi3_v.Phi3VForCausalLM",
+}
+OFFICIAL_PROCESSOR_AUTO_MAP = {
+    "AutoImageProcessor": "processing_phi3_v.Phi3VImageProcessor",
+    "AutoProcessor": "processing_phi3_v.Phi3VProcessor",
+}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
+LEFTOVERS = re.compile(r"lora_|base_layer|modules_to_save|absmax|quant_map|quant_state|nested_")
+
+
+def export(
+    model_dir: str | Path, out: str | Path, base: str | None = None, dtype: str = "bfloat16", overwrite: bool = False
+) -> float:
+    """Write the standalone folder; returns the largest logit difference between it and the run."""
+    model_dir, out = Path(model_dir), Path(out).resolve()  # resolved: "." has no name to put a temporary folder beside
+    require_folder(model_dir, "--model")
+    check_destination(out, [model_dir, Path(base or run_base_model(model_dir) or model_dir)], overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir()
+    try:
+        difference = _export(model_dir, partial, out, base, dtype)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return difference
+
+
+def check_destination(out: Path, protected: list[Path], overwrite: bool) -> None:
+    """Refuse an --out that is, lies inside or holds one of ``protected`` (the run, its base), or that holds
+    files, unless ``overwrite``."""
+    target = out.resolve()
+    for folder in (p.resolve() for p in protected if p.exists()):
+        if target == folder or target.is_relative_to(folder) or folder.is_relative_to(target):
+            raise RecipeError(f"--out {out} would overwrite {folder} (the run or its base model): pick a folder "
+                              "outside both.")  # fmt: skip
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise RecipeError(f"--out {out} already holds files: pick an empty or new folder, or pass --overwrite to "
+                          "replace it.")  # fmt: skip
+
+
+def _export(model_dir: Path, partial: Path, out: Path, base: str | None, dtype: str) -> float:
+    """Export into ``partial``, then rename it to ``out`` (replacing what --overwrite allowed) and check it."""
+    trained = load_trained(model_dir, base=base, device="cpu")
+    sample = _reference_sample(trained.processor)
+    with torch.no_grad():
+        expected = trained.model(**sample).logits
+    model = trained.model.merge_and_unload() if trained.kind == "lora" else trained.model
+    weights = {name: tensor.detach().to(DTYPES[dtype]).contiguous() for name, tensor in model.state_dict().items()}
+    leftovers = [name for name in weights if LEFTOVERS.search(name)]
+    if leftovers:
+        raise RuntimeError(f"Merging left adapter or quantization tensors behind: {leftovers[:5]}")
+    _write_shards(weights, partial)
+    (partial / "config.json").write_text(json.dumps(official_config(model.config, dtype), indent=2) + "\n")
+    _write_generation_config(model, partial)
+    _write_processor_files(trained, model_dir, partial)
+    if out.is_dir():
+        shutil.rmtree(out)  # what --overwrite replaces (an empty folder otherwise)
+    elif out.exists():
+        out.unlink()
+    partial.rename(out)
+    exported = load_model(out, device="cpu", flag="--out").eval()
+    with torch.no_grad():
+        difference = (exported(**sample).logits - expected).abs().max().item()
+    print(f"Exported {trained.kind} run {model_dir} to {out} ({dtype}, {len(weights)} tensors).")
+    print(f"Largest logit difference from the run on an image-and-text sample: {difference:.3g}")
+    return difference
+
+
+def official_config(config, dtype: str) -> dict:
+    """The official config.json keys, from a loaded Phi3VConfig (transformers 5 keeps RoPE elsewhere)."""
+    rope = config.rope_parameters
+    img_processor = dict(config.img_processor)
+    return {
+        "architectures": ["Phi3VForCausalLM"],
+        "attention_dropout": config.attention_dropout,
+        "auto_map": OFFICIAL_AUTO_MAP,
+        "bos_token_id": config.bos_token_id,
+        "embd_layer": dict(config.embd_layer),
+        "embd_pdrop": config.embd_pdrop,
+        "eos_token_id": config.eos_token_id,
+        "hidden_act": config.hidden_act,
+        "hidden_size": config.hidden_size,
+        "img_processor": img_processor,
+        "initializer_range": config.initializer_range,
+        "intermediate_size": config.intermediate_size,
+        "max_position_embeddings": config.max_position_embeddings,
+        "model_type": "phi3_v",
+        "num_attention_heads": config.num_attention_heads,
+        "num_hidden_layers": config.num_hidden_layers,
+        "num_key_value_heads": config.num_key_value_heads,
+        "original_max_position_embeddings": config.original_max_position_embeddings,
+        "pad_token_id": config.pad_token_id,
+        "resid_pdrop": config.resid_pdrop,
+        "rms_norm_eps": config.rms_norm_eps,
+        "rope_scaling": {"long_factor": rope["long_factor"], "short_factor": rope["short_factor"], "type": "su"},
+        "rope_theta": rope["rope_theta"],
+        "sliding_window": config.sliding_window,
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "torch_dtype": dtype,
+        "transformers_version": transformers.__version__,
+        "use_cache": True,
+        "vocab_size": config.vocab_size,
+    }
+
+
+def _write_shards(weights: dict[str, torch.Tensor], out: Path) -> None:
+    """Shards of at most MAX_SHARD_BYTES, named and indexed as the official ones (an index even for one)."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name in sorted(weights):
+        nbytes = weights[name].numel() * weights[name].element_size()
+        if shards[-1] and size + nbytes > MAX_SHARD_BYTES:
+            shards.append({})
+            size = 0
+        shards[-1][name] = weights[name]
+        size += nbytes
+    weight_map = {}
+    for number, shard in enumerate(shards, start=1):
+        filename = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, out / filename, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, filename))
+    total = sum(t.numel() * t.element_size() for t in weights.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _write_generation_config(model, out: Path) -> None:
+    config = model.config
+    generation = {"_from_model_config": True, "bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
+    generation |= {"pad_token_id": config.pad_token_id, "transformers_version": transformers.__version__}
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+
+
+def _write_processor_files(trained: Trained, model_dir: Path, out: Path) -> None:
+    """Tokenizer files from a local base folder (the official ones) or the run; processor configs in the
+    official format with the run's num_crops; the official remote code when the base folder has it."""
+    base = Path(trained.base) if trained.base and Path(trained.base).is_dir() else None
+    source = base if base is not None and (base / "tokenizer_config.json").is_file() else model_dir
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, out / name)
+    image_processor = trained.processor.image_processor
+    preprocessor = {
+        "auto_map": OFFICIAL_PROCESSOR_AUTO_MAP,
+        "do_convert_rgb": image_processor.do_convert_rgb,
+        "image_mean": image_processor.image_mean,
+        "image_processor_type": "Phi3VImageProcessor",
+        "image_std": image_processor.image_std,
+        "num_crops": image_processor.num_crops,
+        "num_img_tokens": image_processor.num_img_tokens,
+        "processor_class": "Phi3VProcessor",
+    }
+    if image_processor.crop_size != 336:  # only small test checkpoints differ from the official geometry
+        preprocessor["crop_size"] = image_processor.crop_size
+    (out / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n")
+    processor = {"auto_map": {"AutoProcessor": OFFICIAL_PROCESSOR_AUTO_MAP["AutoProcessor"]}}
+    (out / "processor_config.json").write_text(json.dumps({**processor, "processor_class": "Phi3VProcessor"}) + "\n")
+    for code in sorted(base.glob("*_phi3_v.py")) if base is not None else []:
+        shutil.copyfile(code, out / code.name)
+
+
+def _reference_sample(processor: Phi3VProcessor) -> dict[str, torch.Tensor]:
+    """An image with shapes and a question about it, encoded as the recipes encode prompts."""
+    image = Image.new("RGB", (400, 300), (235, 235, 235))
+    draw = ImageDraw.Draw(image)
+    draw.ellipse((40, 40, 200, 200), fill=(200, 30, 30))
+    draw.rectangle((230, 90, 360, 260), fill=(30, 60, 200))
+    example = encode_conversation(processor, Conversation([Turn("What shapes are drawn?", "", [image])]), False)
+    return {
+        "input_ids": example["input_ids"][None],
+        "pixel_values": example["pixel_values"],
+        "image_sizes": example["image_sizes"],
+    }

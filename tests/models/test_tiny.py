@@ -1,0 +1,99 @@
+"""The tiny checkpoint: CLI, official layout of the folder and tokenizer, and the README example."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+from tokenizers import Tokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor
+
+from phi3v import Phi3VConfig, Phi3VForCausalLM, Phi3VProcessor
+from phi3v.models.tiny import ADDED_TOKENS, CHAT_TEMPLATE
+from tests.conftest import REPO
+
+OFFICIAL_FILES = {
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+}
+
+
+def test_cli_writes_a_loadable_folder(tmp_path):
+    out = tmp_path / "tiny"
+    result = subprocess.run(
+        [sys.executable, "-m", "phi3v.tiny", "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    assert OFFICIAL_FILES <= {p.name for p in out.iterdir()}
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "phi3_v" and config["architectures"] == ["Phi3VForCausalLM"]
+    assert config["img_processor"]["clip_config"]["image_size"] == 336  # official geometry by default
+    assert config["img_processor"]["num_img_tokens"] == 144
+    assert isinstance(AutoConfig.from_pretrained(out), Phi3VConfig)
+    assert isinstance(AutoModelForCausalLM.from_pretrained(out), Phi3VForCausalLM)
+    assert isinstance(AutoProcessor.from_pretrained(out), Phi3VProcessor)
+
+
+def test_tokenizer_mirrors_the_official_one(tiny_dir, official_dir):
+    tiny = json.loads((tiny_dir / "tokenizer.json").read_text())
+    official = json.loads((official_dir / "tokenizer.json").read_text())
+    for part in ("normalizer", "pre_tokenizer", "post_processor", "decoder"):
+        assert tiny[part] == official[part], part
+    flags = ("content", "lstrip", "rstrip", "normalized", "special")
+    official_added = [{k: t[k] for k in flags} for t in official["added_tokens"]]
+    tiny_added = [{k: t[k] for k in flags} for t in tiny["added_tokens"]]
+    assert tiny_added == official_added
+    official_config = json.loads((official_dir / "tokenizer_config.json").read_text())
+    assert CHAT_TEMPLATE == official_config["chat_template"]
+
+
+def test_tiny_special_tokens_keep_the_official_order(tiny_dir):
+    raw = Tokenizer.from_file(str(tiny_dir / "tokenizer.json"))
+    assert [raw.token_to_id(t) for t in ("<unk>", "<s>", "</s>")] == [0, 1, 2]
+    ids = [raw.token_to_id(token) for token, _ in ADDED_TOKENS]
+    assert ids == list(range(ids[0], ids[0] + len(ADDED_TOKENS)))
+    processor = AutoProcessor.from_pretrained(tiny_dir)
+    tokenizer = processor.tokenizer
+    assert tokenizer.bos_token_id == 1
+    assert tokenizer.eos_token_id == tokenizer.pad_token_id == raw.token_to_id("<|endoftext|>")
+    text = "<|user|>\n<|image_1|>\nWhat colour is the shape?<|end|>\n<|assistant|>\n"
+    assert tokenizer(text).input_ids == raw.encode(text).ids
+    assert tokenizer.decode(tokenizer("a red circle").input_ids, skip_special_tokens=True) == "a red circle"
+    config = AutoConfig.from_pretrained(tiny_dir)
+    assert config.vocab_size % 64 == 0 and config.vocab_size >= len(tokenizer)
+
+
+def test_readme_example_runs(tiny_dir_336):
+    """The README's Python example, run as written against a tiny folder."""
+    readme = (REPO / "README.md").read_text()
+    match = re.search(r"<!-- example:start -->\s*```python\n(.*?)```", readme, re.S)
+    assert match, "README.md lost its example block"
+    code = match.group(1).replace('"/tmp/tiny"', repr(str(tiny_dir_336)))
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip(), "the example printed no answer"
+
+
+@pytest.mark.parametrize("crop, patch", [(56, 14), (28, 14), (64, 16)])
+def test_small_geometries(tmp_path, crop, patch):
+    from phi3v.models.tiny import write_tiny_checkpoint
+
+    folder = write_tiny_checkpoint(tmp_path / "t", crop_size=crop, patch_size=patch)
+    processor = AutoProcessor.from_pretrained(folder)
+    assert processor.image_processor.crop_size == crop
+    assert processor.image_processor.num_img_tokens == (crop // patch // 2) ** 2
+
+
+def test_bad_geometry_is_refused(tmp_path):
+    from phi3v.models.tiny import write_tiny_checkpoint
+
+    with pytest.raises(ValueError, match="multiple of 2"):
+        write_tiny_checkpoint(tmp_path / "t", crop_size=50, patch_size=14)
