@@ -29,7 +29,8 @@ def raw(tiny_dir):
 
 
 def expected_turn(raw, processor, user_after_tags: str, answer: str, images: list) -> tuple[list[int], list[int]]:
-    """The original scripts' prompt format written out: the chat prompt chunks (each with <s>), -k placeholders, then the answer
+    """The original scripts' prompt format written out:
+    the chat prompt chunks (each with <s>), -k placeholders, then the answer
     tokenized without special tokens; only the answer is supervised."""
     counts = processor.image_processor(images)["num_img_tokens"] if images else []
     tags = "".join(f"<|image_{k}|>" for k in range(1, len(images) + 1))

@@ -47,7 +47,8 @@ def test_official_config_gives_the_official_layout(official_dir):
 
 
 def test_official_longrope(official_dir):
-    """LongRoPE as the official modeling_phi3_v.py computes it: inv_freq = 1 / (ext * 10000^(2i/96)), short factors up to 4096 tokens, long beyond,
+    """LongRoPE as the official modeling_phi3_v.py computes it:
+    inv_freq = 1 / (ext * 10000^(2i/96)), short factors up to 4096 tokens, long beyond,
     cos and sin scaled by sqrt(1 + ln(131072/4096) / ln(4096)) in both regimes."""
     config = AutoConfig.from_pretrained(official_dir)
     raw = json.loads((official_dir / "config.json").read_text())["rope_scaling"]
@@ -89,7 +90,8 @@ def test_vision_tower_stops_at_layer_minus_2(tiny_model):
 
 
 def reference_image_tokens(embedding, pixel_values, image_sizes):
-    """The official HD feature layout by explicit loops: 2x2 blocks (TL, TR, BL, BR) per crop, crops tiled row-major with
+    """The official HD feature layout by explicit loops:
+    2x2 blocks (TL, TR, BL, BR) per crop, crops tiled row-major with
     sub_GN closing every token row, then glb_GN, then the global view's rows each closed by sub_GN."""
     size, g = embedding.crop_size, embedding.grid
     tokens = []

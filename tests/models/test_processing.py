@@ -122,7 +122,8 @@ def test_extremely_elongated_image_gets_a_clear_error():
 
 
 def reference_ids(tokenizer_file, text: str, token_counts: list[int]) -> list[int]:
-    """The official prompt tokenization with the raw `tokenizers` library: each chunk with its BOS, -k x N_k for image k."""
+    """The official prompt tokenization with the raw `tokenizers` library:
+    each chunk with its BOS, -k x N_k for image k."""
     raw = Tokenizer.from_file(str(tokenizer_file))
     chunks = re.split(r"<\|image_\d+\|>", text)
     ids = raw.encode(chunks[0]).ids
