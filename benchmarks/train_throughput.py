@@ -403,8 +403,7 @@ def precision_check(config: Phi3VConfig, processor, args) -> None:
     --use_flash_attention): finite, and within 1% of each other. With random weights the loss sits near
     ln(vocab), so this catches a bf16 path that overflows or computes something else, not fine drift."""
     torch.manual_seed(0)
-    with torch.device(args.device):
-        model = Phi3VForCausalLM._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    model = load_model(config, device=args.device)
     image = scanned_page(400, 300, random.Random(0)).convert("RGB")
     example = encode_conversation(processor, Conversation([Turn(*QUESTIONS[0], [image])]), for_training=True)
     batch = {k: v.to(args.device) for k, v in TrainCollator(args.pad_token_id)([example]).items()}

@@ -6,8 +6,9 @@ Writes a local copy of the DocVQA mini schema with ``--num_images`` distinct sca
 (portrait pages of about 1700x2200 pixels with lines of dark "text", as DocVQA's scans are), then runs
 the DocVQA recipe's training-data validation on it, uncached, with num_crops 16, and prints the rate and
 what it means for the full DocVQA (39,463 training images). The processor is the official one from
-../shared/reference/phi35v_official when present (real token counts), otherwise a tiny checkpoint
-with the official 336-pixel crops.
+``--processor``, or from $PHI3V_REFERENCE_DIR/phi35v_official when that is set (a folder with the official
+config, processor and tokenizer files, as the tests take), otherwise a tiny checkpoint with the official
+336-pixel crops.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from phi3v.models.tiny import write_tiny_checkpoint  # noqa: E402
 from phi3v.task import load_task  # noqa: E402
 
 FULL_DOCVQA_IMAGES = 39_463
-OFFICIAL = REPO.parent / "shared" / "reference" / "phi35v_official"
+OFFICIAL = Path(os.environ.get("PHI3V_REFERENCE_DIR", "/nonexistent")) / "phi35v_official"
 
 
 def page(seed: int) -> bytes:

@@ -23,6 +23,7 @@ from typing import Any, TypeVar, get_args, get_origin
 from transformers import HfArgumentParser
 
 from .errors import RecipeError
+from .models.liger import check_liger_available
 
 logger = logging.getLogger(__name__)
 
@@ -133,8 +134,6 @@ class RecipeArguments:
             logger.info("--use_flash_attention implies --bf16.")
             self.bf16 = True
         if self.use_liger_kernel:
-            from .models.liger import check_liger_available
-
             check_liger_available()
         if self.deepspeed.lower() in ("", "none"):
             self.deepspeed = ""

@@ -11,7 +11,7 @@ import json
 import logging
 import random
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -19,9 +19,7 @@ from ..errors import RecipeError
 from ..models.processing import IGNORE_INDEX
 from .conversation import Conversation, as_candidates, conversation_ids
 from .images import BadImageError, load_sample_image
-
-if TYPE_CHECKING:
-    from .sources import RowSource
+from .sources import RowSource
 
 logger = logging.getLogger(__name__)
 

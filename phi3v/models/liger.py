@@ -12,10 +12,12 @@ CLIP (LayerNorm and quick-GELU) keeps PyTorch's kernels.
 from __future__ import annotations
 
 import importlib.util
+from typing import TYPE_CHECKING
 
 import torch
 
-from .modeling import Phi3VForCausalLM
+if TYPE_CHECKING:  # only for annotations: checking the flag needs no model code
+    from .modeling import Phi3VForCausalLM
 
 INSTALL_HINT = "pip install liger-kernel==0.8.5 (as requirements.txt pins it)"
 

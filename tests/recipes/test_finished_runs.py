@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-import phi3v.predict as predict_module
+import phi3v.inference as inference_module
 from phi3v import Phi3VForCausalLM
 from phi3v.data.synthetic import shape_image, write_custom, write_docvqa
 from phi3v.errors import RecipeError
@@ -214,7 +214,7 @@ def test_predict_keeps_the_answers_it_computed_before_an_error(finished, tmp_pat
     Image.new("RGB", (64, 48), "red").save(tmp_path / "red.png")
     questions = [{"id": f"q{k}", "images": ["red.png"], "question": "Colour?"} for k in range(3)]
     (tmp_path / "questions.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
-    real_ask, calls = predict_module.ask, []
+    real_ask, calls = inference_module.ask, []
 
     def ask_then_fail(*args, **kwargs):
         calls.append(1)
@@ -222,7 +222,7 @@ def test_predict_keeps_the_answers_it_computed_before_an_error(finished, tmp_pat
             raise RecipeError("Evaluation sample questions row 0: image 1 (red.png): corrupt or truncated image data")
         return real_ask(*args, **kwargs)
 
-    monkeypatch.setattr(predict_module, "ask", ask_then_fail)
+    monkeypatch.setattr(inference_module, "ask", ask_then_fail)  # what write_answers calls
     arguments = ["--model", str(finished["full"]), "--questions", str(tmp_path / "questions.jsonl")]
     assert predict([*arguments, "--answers", str(tmp_path / "answers.jsonl"), "--batch_size", "1"]) == 1
     answers = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
