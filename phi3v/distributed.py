@@ -49,6 +49,24 @@ def decided_on_main(decide: Callable[[], Any]) -> Any:
     return from_main_process((False, value))[1]
 
 
+def main_process_first(load: Callable[[], Any]) -> Any:
+    """``load()`` on the main process, then, once it succeeded there, on the others (the main process may
+    download, or write a cache the others read). When it fails there, every rank raises (the others a
+    SharedError) instead of waiting for it."""
+    if PartialState().is_main_process:
+        try:
+            value = load()
+        except Exception as error:
+            from_main_process(f"{type(error).__name__}: {error}")
+            raise
+        from_main_process(None)
+        return value
+    failure = from_main_process(None)
+    if failure is not None:
+        raise SharedError(f"The main process stopped: {failure}")
+    return load()
+
+
 def from_main_process(value: Any) -> Any:
     """The main process's ``value``, on every rank."""
     if not is_distributed():

@@ -26,7 +26,7 @@ from .args import RecipeArguments, gradient_accumulation_steps
 from .console import available_cpus, setup_logging
 from .data.samples import EvaluationSamples, TrainingSamples
 from .data.validation import SKIPPED_SAMPLES
-from .distributed import set_collective_timeout
+from .distributed import main_process_first, set_collective_timeout
 from .errors import RecipeError
 from .evaluation import evaluate
 from .report import MetricsCallback, plot_report, step_records, update_metrics, write_run_args
@@ -169,8 +169,7 @@ def _run(
 def _checked_datasets(task: Task, args: RecipeArguments, processor, state, resumed: bool):
     """The task's splits, every sample validated (bad ones stop the run or are listed and dropped), as
     (training samples, evaluation samples, images per training sample)."""
-    with state.main_process_first():
-        train, held_out = load_sources(task, args)
+    train, held_out = main_process_first(partial(load_sources, task, args))
     listing = Path(args.output_dir) / SKIPPED_SAMPLES if state.is_main_process else None
     checked = validate_task_data(task, args, processor, train, held_out, listing, resumed)
     train_set = TrainingSamples(
