@@ -6,6 +6,9 @@ What ``--output_dir`` holds decides how it loads:
   evaluation after training does;
 - a full finetune, an export or the official checkpoint: ``config.json`` and the weights.
 The processor (with the ``num_crops`` used in training) comes from the same folder.
+
+``python -m phi3v.predict``'s library is here too: a questions file read and checked before the model loads
+(``read_questions``), and answers written batch by batch as they come (``write_answers``).
 """
 
 from __future__ import annotations
@@ -163,6 +166,7 @@ def read_questions(path: Path, image_dir: Path) -> list[dict]:
 
 
 def unreadable_images(images: list[Path]) -> list[str]:
+    """Why each image that cannot be decoded cannot be (missing, truncated, not an image, ...)."""
     problems = []
     for number, image in enumerate(images, start=1):
         try:
