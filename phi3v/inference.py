@@ -33,6 +33,7 @@ from .errors import RecipeError
 from .evaluation import generate_answers
 from .hub import HUB_ID, require_folder
 from .models.modeling import Phi3VForCausalLM
+from .models.processing import IMAGE_TAG
 from .training.loading import load_model
 
 logger = logging.getLogger(__name__)
@@ -148,6 +149,12 @@ def read_questions(path: Path, image_dir: Path) -> list[dict]:
         if not isinstance(item, dict) or not isinstance(item.get("question"), str) or not isinstance(images, list):
             problems.append(f'{path}:{number}: needs a string "question" and a list "images"')
             continue
+        if not all(isinstance(image, str) for image in images):
+            problems.append(f'{path}:{number}: "images" must be a list of paths')
+            continue
+        if question_problem(item["question"]):
+            problems.append(f"{path}:{number}: {question_problem(item['question'])}")
+            continue
         resolved = [(image_dir / image).resolve() for image in images]
         escaping = [image for image, full in zip(images, resolved) if not full.is_relative_to(image_dir)]
         missing = [str(full) for full in resolved if full.is_relative_to(image_dir) and not full.is_file()]
@@ -163,6 +170,12 @@ def read_questions(path: Path, image_dir: Path) -> list[dict]:
     if problems:
         raise RecipeError("\n".join(problems))
     return questions
+
+
+def question_problem(question: str) -> str | None:
+    """Why ``question`` cannot be asked as written: image tags are added from the images, never typed."""
+    tag = IMAGE_TAG.search(question)
+    return f"the question holds the image tag {tag.group()}: remove it, tags are added from the images" if tag else None
 
 
 def unreadable_images(images: list[Path]) -> list[str]:

@@ -22,7 +22,7 @@ import torch
 
 from .args import PredictArguments, parse_args
 from .errors import RecipeError, command
-from .inference import ask, load_trained, read_questions, unreadable_images, write_answers
+from .inference import ask, load_trained, question_problem, read_questions, unreadable_images, write_answers
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
         items = read_questions(questions, Path(args.image_dir) if args.image_dir else questions.parent)
     else:
         items = [{"question": args.question, "images": args.image}]
-        problems = unreadable_images([Path(image) for image in args.image])  # now, not after loading
+        problems = [question_problem(args.question)] if question_problem(args.question) else []
+        problems += unreadable_images([Path(image) for image in args.image])  # now, not after loading
         if problems:
             raise RecipeError("\n".join(problems))
     trained = load_trained(args.model, args.base, DTYPES[args.dtype], args.device, args.num_crops)

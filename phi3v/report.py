@@ -134,7 +134,10 @@ def find_runs(paths: list[Path]) -> list[Path]:
             runs.append(path)
         else:
             runs += sorted({p.parent for p in [*path.glob("*/run_args.json"), *path.glob("*/*/run_args.json")]})
-    return runs
+    unique: dict[Path, Path] = {}
+    for run in runs:
+        unique.setdefault(run.resolve(), run)  # a run named twice (runs/ and runs/a) is one row
+    return list(unique.values())
 
 
 def run_row(run: Path) -> dict[str, Any]:
