@@ -6,6 +6,7 @@ through ``load_model``; the recipes' flags become its arguments in ``load_for_re
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -43,8 +44,8 @@ def load_model(
     if isinstance(source, Phi3VConfig):
         if quantize_4bit:
             raise ValueError("4-bit layers are made while loading saved weights: give a folder, not a config.")
-        with device:
-            return Phi3VForCausalLM._from_config(source, attn_implementation=attention, dtype=dtype)
+        with device:  # a copy: transformers records the dtype and attention on the config it is given
+            return Phi3VForCausalLM._from_config(copy.deepcopy(source), attn_implementation=attention, dtype=dtype)
     require_local_or_reachable(str(source), flag, MODEL_OFFLINE_HINT)
     kwargs = {"dtype": dtype, "attn_implementation": attention, "trust_remote_code": trust_remote_code}
     if quantize_4bit:
