@@ -5,6 +5,8 @@ on a CPU (--dry-run); the FLOP count matches an independent estimate."""
 from __future__ import annotations
 
 import importlib.util
+import math
+import re
 import subprocess
 import sys
 
@@ -20,20 +22,51 @@ def run(command: list[str], timeout: int = 600) -> str:
     return result.stdout
 
 
+# One row of the --compare table: mode, setup, images/s, tokens/s, pad, peak mem, FLOP/image, MFU.
+TABLE_ROW = re.compile(
+    r"^(?P<mode>\S+) +(?P<setup>.+?) +(?P<images>\d+\.\d{3}) +(?P<tokens>\d+) +(?P<pad>\d+\.\d)% "
+    r"+(?P<memory>\d+\.\d\d) GiB +(?P<flops>\S+) +(?P<mfu>\S+)$"
+)
+
+
 def test_compare_gives_equal_losses_on_both_paths_and_a_speedup():
     """num_crops 3 puts every page on one crop with two zero-padding slots, so the reference path really runs
-    padding through CLIP; micro-batches of 2 with grouping; full finetuning, so every gradient counts."""
+    padding through CLIP; micro-batches of 2 with grouping; full finetuning, so every gradient counts.
+
+    Checks what does not depend on the machine's speed: every setup's row, losses that agree, figures that
+    describe the same samples (FLOPs per image, tokens per image, padding), and the speedup the table implies."""
     output = run([
         sys.executable, "benchmarks/train_throughput.py", "--size", "tiny", "--compare", "--mode", "full",
         "--num_crops", "3", "--batch_size", "4", "--batch_size_per_gpu", "2", "--steps", "2", "--warmup_steps", "0",
     ])  # fmt: skip
-    agreements = [line for line in output.splitlines() if line.startswith("losses of")]
-    assert len(agreements) == 6 and all(": agree with the reference" in line for line in agreements), output
     setups = ["reference (the original)", "+ SDPA attention", "+ real crops only", "+ CLIP stops at layer -2"]
-    for setup in [*setups, "+ LM head at labels only", "+ micro-batch 2, grouped"]:
-        assert f"full           {setup}" in output
+    setups += ["+ LM head at labels only", "+ micro-batch 2, grouped", "optimised (all of the above)"]
+    rows = {match["setup"]: match for line in output.splitlines() if (match := TABLE_ROW.match(line))}
+    assert list(rows) == setups, output
+    assert {row["mode"] for row in rows.values()} == {"full"} and {row["mfu"] for row in rows.values()} == {"-"}
+
+    agreements = [line for line in output.splitlines() if line.startswith("losses of")]
+    assert [line.split("'")[1] for line in agreements] == setups[1:], output
+    for line in agreements:
+        assert ": agree with the reference" in line, line
+        difference = float(re.search(r"largest relative difference ([\d.e+-]+)\)", line)[1])
+        assert 0 <= difference <= 1e-3, line
+
+    # every setup trains on the same 8 samples: the same model FLOPs and tokens per image
+    mean_tokens = float(re.search(r"([\d,]+) tokens per sample on average", output)[1].replace(",", ""))
+    assert len({row["flops"] for row in rows.values()}) == 1 and float(rows[setups[0]]["flops"]) > 0
+    for setup, row in rows.items():
+        images_per_s, tokens_per_s = float(row["images"]), float(row["tokens"])
+        assert math.isfinite(images_per_s) and images_per_s > 0, setup
+        assert tokens_per_s / images_per_s == pytest.approx(mean_tokens, rel=0.01), setup
+        assert float(row["memory"]) > 0, setup
+    # micro-batch 1 pads nothing; the two micro-batch-2 setups group the same samples the same way
+    assert {rows[setup]["pad"] for setup in setups[:5]} == {"0.0"}
+    assert rows[setups[5]]["pad"] == rows[setups[6]]["pad"]
+
     speedup = float(output.strip().splitlines()[-1].removeprefix("speedup: "))
-    assert speedup > 0
+    ratio = float(rows[setups[-1]]["images"]) / float(rows[setups[0]]["images"])
+    assert speedup == pytest.approx(ratio, rel=0.01, abs=0.006)
     assert "Compute split, full: tiny" in output and "tokens per sample on average" in output
 
 

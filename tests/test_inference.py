@@ -7,23 +7,17 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from PIL import Image
 
 from phi3v import Phi3VForCausalLM, Phi3VProcessor
 from phi3v import inference as inference_module
 from phi3v.errors import RecipeError
 from phi3v.inference import Trained, ask, load_trained, read_questions, run_base_model, write_answers
+from tests.conftest import noise_image
 
 PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "processor_config.json")
-
-
-def noise_image(width: int, height: int, seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
 def copy_model(source: Path, destination: Path) -> Path:

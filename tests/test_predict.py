@@ -6,20 +6,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import phi3v.predict as predict_module
 from phi3v.errors import RecipeError
 from phi3v.inference import ask, load_trained
 from phi3v.predict import main as predict
+from tests.conftest import noise_image
 
 
-def noise_image(path: Path, width: int, height: int, seed: int) -> Path:
-    rng = np.random.default_rng(seed)
-    Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(path)
+def noise_png(path: Path, width: int, height: int, seed: int) -> Path:
+    noise_image(width, height, seed).save(path)
     return path
 
 
@@ -30,7 +28,7 @@ def trained(tiny_dir):
 
 @pytest.fixture
 def images(tmp_path) -> list[Path]:
-    return [noise_image(tmp_path / "a.png", 80, 60, 1), noise_image(tmp_path / "b.jpg", 40, 90, 2)]
+    return [noise_png(tmp_path / "a.png", 80, 60, 1), noise_png(tmp_path / "b.jpg", 40, 90, 2)]
 
 
 @pytest.fixture

@@ -6,9 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from phi3v import task as task_module
 from phi3v.args import RecipeArguments, parse_args
@@ -17,7 +15,7 @@ from phi3v.data.sources import RowSource
 from phi3v.data.validation import CheckedData
 from phi3v.errors import RecipeError
 from phi3v.task import Task, load_sources, load_task, validate_task_data
-from tests.conftest import REPO
+from tests.conftest import REPO, noise_image
 
 RECIPES = {  # short name: (flags class, metric, classification, auroc_label)
     "docvqa": ("DocVQAArguments", "anls", False, None),
@@ -80,8 +78,7 @@ def test_evaluation_is_limited_to_max_eval_samples(limit, expected):
 
 
 def noise_png(path: Path, seed: int) -> None:
-    rng = np.random.default_rng(seed)
-    Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(path)
+    noise_image(40, 30, seed).save(path)
 
 
 def write_conversations(folder: Path, name: str, count: int) -> Path:

@@ -10,11 +10,11 @@ import pytest
 from PIL import Image
 
 from phi3v.data.images import BadImageError, image_label, load_image, load_sample_image
+from tests.conftest import noise_image
 
 
 def picture(width: int = 40, height: int = 30, seed: int = 0) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+    return noise_image(width, height, seed)
 
 
 def encoded(image: Image.Image, format: str, **options) -> bytes:

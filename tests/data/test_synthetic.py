@@ -25,6 +25,7 @@ from phi3v.data.synthetic import (
     UCF101_CLASSES,
     UCF101_COLOURS,
     WORDS,
+    as_llava,
     write_cauldron,
     write_custom,
     write_docvqa,
@@ -240,3 +241,16 @@ def test_every_shape_and_colour_is_drawable():
         for shape in SHAPES:
             for image in (shape_image(colour, shape, "cat", seed=7), document_image(colour, shape, "dog", seed=7)):
                 assert drawn_colour(image) == colour and drawn_shape(image, colour) == shape
+
+
+def test_llava_records_become_cookbook_records():
+    record = {
+        "id": "r",
+        "source": "s",
+        "conversations": [{"images": ["a.jpg", "b.jpg"], "user": "q", "assistant": "a"}],
+    }
+    assert as_llava(record) == {
+        "id": "r",
+        "images": ["a.jpg", "b.jpg"],
+        "conversations": [{"from": "human", "value": "<image>\n<image>\nq"}, {"from": "gpt", "value": "a"}],
+    }

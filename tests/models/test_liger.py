@@ -13,7 +13,7 @@ from phi3v import Phi3VForCausalLM
 from phi3v.args import RecipeArguments, parse_args
 from phi3v.models.liger import apply_liger_kernels
 from phi3v.training.preparation import base_model, prepare_for_training
-from tests.training.test_trainer import loss_and_gradients
+from tests.conftest import loss_and_gradients
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="Liger's Triton kernels run on CUDA GPUs only")
 

@@ -6,21 +6,15 @@ import json
 import logging
 import math
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, CLIPVisionModel
 from transformers.models.phi3.modeling_phi3 import Phi3RotaryEmbedding
 
 from phi3v import Phi3VConfig, Phi3VForCausalLM
-from tests.conftest import REFERENCE, require_reference
-
-
-def image(width: int, height: int, seed: int = 0) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+from phi3v.data.conversation import Conversation, Turn
+from tests.conftest import REFERENCE, noise_image, require_reference, training_batch
 
 
 def chat(processor, question: str, n_images: int) -> str:
@@ -121,7 +115,7 @@ def test_image_features_follow_the_official_layout(tiny_model, tiny_processor):
     with torch.no_grad():  # non-zero separators, so a misplaced separator shows
         embedding.sub_GN.copy_(torch.randn_like(embedding.sub_GN))
         embedding.glb_GN.copy_(torch.randn_like(embedding.glb_GN))
-    images = [image(200, 90, 1), image(70, 160, 2), image(64, 64, 3)]
+    images = [noise_image(200, 90, 1), noise_image(70, 160, 2), noise_image(64, 64, 3)]
     out = tiny_processor.image_processor(images, num_crops=6)
     with torch.no_grad():
         features = embedding(out["pixel_values"], out["image_sizes"])
@@ -134,7 +128,7 @@ def test_image_features_follow_the_official_layout(tiny_model, tiny_processor):
 
 def test_features_land_exactly_at_the_placeholders(tiny_model, tiny_processor):
     prompt = chat(tiny_processor, "What colour is the shape?", 2)
-    batch = tiny_processor(prompt, [image(90, 60, 1), image(40, 120, 2)])
+    batch = tiny_processor(prompt, [noise_image(90, 60, 1), noise_image(40, 120, 2)])
     ids = batch["input_ids"]
     with torch.no_grad():
         embeds = tiny_model.model.embed_inputs(ids, batch["pixel_values"], batch["image_sizes"])
@@ -150,8 +144,8 @@ def test_features_land_exactly_at_the_placeholders(tiny_model, tiny_processor):
 
 def test_pixels_change_nothing_before_the_image_tokens(tiny_model, tiny_processor):
     prompt = chat(tiny_processor, "What colour is the shape?", 1)
-    a = tiny_processor(prompt, [image(90, 60, 1)])
-    b = tiny_processor(prompt, [image(90, 60, 2)])
+    a = tiny_processor(prompt, [noise_image(90, 60, 1)])
+    b = tiny_processor(prompt, [noise_image(90, 60, 2)])
     assert torch.equal(a["input_ids"], b["input_ids"])
     first_image = int((a["input_ids"][0] < 0).nonzero()[0])
     with torch.no_grad():
@@ -161,7 +155,7 @@ def test_pixels_change_nothing_before_the_image_tokens(tiny_model, tiny_processo
 
 
 def test_placeholder_count_mismatch_is_a_clear_error(tiny_model, tiny_processor):
-    batch = tiny_processor(chat(tiny_processor, "hi", 1), [image(90, 60)])
+    batch = tiny_processor(chat(tiny_processor, "hi", 1), [noise_image(90, 60)])
     ids = batch["input_ids"]
     ids = ids[ids != -1][None]  # no placeholders left, yet pixels given
     ids = torch.cat([ids, torch.tensor([[-1, -1]])], 1)  # too few placeholders
@@ -192,9 +186,11 @@ def right_padded(samples, pad_id):
 
 def test_mixed_batch_equals_each_sample_alone(tiny_model, tiny_processor):
     samples = [
-        tiny_processor(chat(tiny_processor, "Describe it.", 1), [image(200, 60, 1)]),
-        tiny_processor(chat(tiny_processor, "Are they the same shape?", 2), [image(50, 50, 2), image(90, 300, 3)]),
-        tiny_processor(chat(tiny_processor, "Which colour?", 1), [image(120, 80, 4)]),
+        tiny_processor(chat(tiny_processor, "Describe it.", 1), [noise_image(200, 60, 1)]),
+        tiny_processor(
+            chat(tiny_processor, "Are they the same shape?", 2), [noise_image(50, 50, 2), noise_image(90, 300, 3)]
+        ),
+        tiny_processor(chat(tiny_processor, "Which colour?", 1), [noise_image(120, 80, 4)]),
         tiny_processor(chat(tiny_processor, "No image here.", 0)),
     ]
     batch = right_padded(samples, tiny_processor.tokenizer.pad_token_id)
@@ -207,7 +203,7 @@ def test_mixed_batch_equals_each_sample_alone(tiny_model, tiny_processor):
 
 def generation_inputs(processor):
     texts = [chat(processor, "What colour is the shape?", 1), chat(processor, "Are these two the same?", 2)]
-    images = [[image(100, 60, 5)], [image(60, 60, 6), image(40, 150, 7)]]
+    images = [[noise_image(100, 60, 5)], [noise_image(60, 60, 6), noise_image(40, 150, 7)]]
     return texts, images
 
 
@@ -245,7 +241,7 @@ def test_left_padding_gives_the_same_tokens_as_no_padding(tiny_model, tiny_proce
 
 
 def test_attention_backends_agree(tiny_dir, tiny_processor, caplog):
-    batch = tiny_processor(chat(tiny_processor, "What colour is the shape?", 1), [image(100, 70)])
+    batch = tiny_processor(chat(tiny_processor, "What colour is the shape?", 1), [noise_image(100, 70)])
     logits = {}
     for backend in ("eager", "sdpa"):
         model = Phi3VForCausalLM.from_pretrained(tiny_dir, attn_implementation=backend).eval()
@@ -268,15 +264,8 @@ def test_flash_attention_without_the_package_falls_back_to_sdpa(tiny_dir, caplog
     assert "flash-attn package is not installed" in caplog.text
 
 
-def training_batch(processor):
-    prompt = chat(processor, "What colour is the shape?", 1)
-    batch = processor(prompt, [image(120, 90, 8)])
-    answer = processor.tokenizer("red<|end|>\n<|endoftext|>", add_special_tokens=False, return_tensors="pt").input_ids
-    prompt_len = batch["input_ids"].shape[1]
-    batch["input_ids"] = torch.cat([batch["input_ids"], answer], 1)
-    batch["labels"] = torch.cat([torch.full((1, prompt_len), -100), answer], 1)
-    del batch["attention_mask"]
-    return batch
+# The training batch of the gradient tests: one sample, one image, one answer.
+RED_SHAPE = [Conversation([Turn("What colour is the shape?", "red", [noise_image(120, 90, 8)])])]
 
 
 def grads_after_backward(model, batch):
@@ -288,7 +277,7 @@ def grads_after_backward(model, batch):
 
 def test_forward_backward_reaches_every_trained_part(tiny_dir, tiny_processor):
     model = Phi3VForCausalLM.from_pretrained(tiny_dir).train()
-    loss, grads = grads_after_backward(model, training_batch(tiny_processor))
+    loss, grads = grads_after_backward(model, training_batch(tiny_processor, RED_SHAPE))
     assert torch.isfinite(loss)
     prefix = "model.vision_embed_tokens."
     for name in [
@@ -336,7 +325,7 @@ def test_a_batch_without_images_still_reaches_the_vision_parameters(tiny_dir, ti
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_dir, tiny_processor):
-    batch = training_batch(tiny_processor)
+    batch = training_batch(tiny_processor, RED_SHAPE)
     model = Phi3VForCausalLM.from_pretrained(tiny_dir).train()
     loss, grads = grads_after_backward(model, batch)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -388,16 +377,11 @@ def test_training_loss_from_supervised_positions_only_equals_the_full_logits_los
 ):
     """In training mode the LM head runs only where a label is predicted; loss and every gradient must equal
     the loss over the full [B, L, vocab] logits, as the original computed it."""
-    from phi3v.data.collators import TrainCollator
-    from phi3v.data.conversation import Conversation, Turn
-    from phi3v.data.samples import encode_conversation
-
     samples = [
-        Conversation([Turn("What is shown?", "a red square", [image(90, 50)])]),
-        Conversation([Turn("Colour?", "green", [image(40, 40, seed=1)]), Turn("And now?", "blue")]),
+        Conversation([Turn("What is shown?", "a red square", [noise_image(90, 50)])]),
+        Conversation([Turn("Colour?", "green", [noise_image(40, 40, seed=1)]), Turn("And now?", "blue")]),
     ]
-    examples = [encode_conversation(tiny_processor, sample, for_training=True) for sample in samples]
-    batch = TrainCollator(tiny_processor.tokenizer.pad_token_id)(examples)
+    batch = training_batch(tiny_processor, samples)
     labels = batch.pop("labels")
     results = []
     for sliced in (False, True):

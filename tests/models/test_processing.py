@@ -16,11 +16,7 @@ from tokenizers import Tokenizer
 from transformers import AutoImageProcessor, AutoProcessor
 
 from phi3v.models.processing import Phi3VImageProcessor, Phi3VProcessor, hd_canvas
-
-
-def noise_image(width: int, height: int, seed: int = 0) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+from tests.conftest import noise_image
 
 
 def official_hd_pixels(image: Image.Image, num_crops: int, size: int = 336) -> tuple[torch.Tensor, tuple[int, int]]:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 import subprocess
 import sys
 
 import pytest
+import torch
+from PIL import Image
 from tokenizers import Tokenizer
 from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor
 
@@ -71,15 +74,43 @@ def test_tiny_special_tokens_keep_the_official_order(tiny_dir):
     assert config.vocab_size % 64 == 0 and config.vocab_size >= len(tokenizer)
 
 
+def greedy_answer(folder, question: str, image: Image.Image, max_new_tokens: int) -> str:
+    """The model's greedy answer computed step by step, without ``generate``: one uncached forward pass per
+    token, the argmax appended until a stop token or ``max_new_tokens``."""
+    processor = AutoProcessor.from_pretrained(folder, num_crops=4)
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    prompt = processor.tokenizer.apply_chat_template(
+        [{"role": "user", "content": f"<|image_1|>\n{question}"}], tokenize=False, add_generation_prompt=True
+    )
+    inputs = processor(prompt, [image])
+    ids, new = inputs["input_ids"], []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            sequence = torch.cat([ids, torch.tensor([new], dtype=ids.dtype)], 1)
+            logits = model(input_ids=sequence, pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"])
+            new.append(int(logits.logits[0, -1].argmax()))
+            if new[-1] in processor.stop_token_ids:
+                break
+    return processor.tokenizer.decode(new, skip_special_tokens=True)
+
+
 def test_readme_example_runs(tiny_dir_336):
-    """The README's Python example, run as written against a tiny folder."""
+    """The README's Python example, run as written against a tiny folder, prints the model's greedy answer."""
     readme = (REPO / "README.md").read_text()
     match = re.search(r"<!-- example:start -->\s*```python\n(.*?)```", readme, re.S)
     assert match, "README.md lost its example block"
     code = match.group(1).replace('"/tmp/tiny"', repr(str(tiny_dir_336)))
+    assert code != match.group(1), "the example no longer loads the model from /tmp/tiny"
+    asked = ['Image.new("RGB", (640, 480), "red")', "What colour is this image?", "num_crops=4", "max_new_tokens=20"]
+    assert all(part in code for part in asked), "the example asks something else: update greedy_answer's inputs"
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip(), "the example printed no answer"
+    printed = re.findall(r"^Answer: (.*)$", result.stdout, re.M)
+    assert len(printed) == 1, f"the example printed no single answer line: {result.stdout!r}"
+    answer = ast.literal_eval(printed[0])
+    assert isinstance(answer, str) and answer.strip(), f"an empty answer: {printed[0]}"
+    image = Image.new("RGB", (640, 480), "red")
+    assert answer == greedy_answer(tiny_dir_336, "What colour is this image?", image, max_new_tokens=20)
 
 
 @pytest.mark.parametrize("crop, patch", [(56, 14), (28, 14), (64, 16)])

@@ -17,6 +17,8 @@ from phi3v import Phi3VForCausalLM
 from phi3v.data.synthetic import shape_image, write_custom, write_docvqa
 from phi3v.errors import RecipeError
 from phi3v.exporting import export
+from phi3v.inference import ask as ask_model
+from phi3v.inference import load_trained
 from phi3v.predict import main as predict
 from phi3v.runs import main as runs_table
 from tests.conftest import REFERENCE
@@ -181,7 +183,7 @@ def test_predict_answers_from_every_kind_of_folder(kind, finished, tmp_path, cap
     assert answers[exported, 1] == answers[finished[kind], 1] and answers[exported, 2] == answers[finished[kind], 2]
 
 
-def test_predict_batches_a_questions_file(finished, tmp_path):
+def test_predict_batches_a_questions_file(finished, tmp_path, capsys):
     Image.new("RGB", (64, 48), "red").save(tmp_path / "red.png")
     questions = [
         {"id": "q1", "images": ["red.png"], "question": "Colour?"},
@@ -191,7 +193,20 @@ def test_predict_batches_a_questions_file(finished, tmp_path):
     arguments = ["--model", str(finished["full"]), "--questions", str(tmp_path / "questions.jsonl")]
     assert predict([*arguments, "--answers", str(tmp_path / "answers.jsonl"), "--batch_size", "2"]) == 0
     answers = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
-    assert [a["id"] for a in answers] == ["q1", "q2"] and all(isinstance(a["answer"], str) for a in answers)
+    assert [a["id"] for a in answers] == ["q1", "q2"]
+    red = str((tmp_path / "red.png").resolve())
+    assert [(a["question"], a["images"]) for a in answers] == [("Colour?", [red]), ("Hi", [])]  # images resolved
+    # the answers of the run's model to the same questions, asked here: one batch of two, as --batch_size 2
+    trained = load_trained(finished["full"])  # as predict loads it: float32, a GPU if there is one
+    expected = ask_model(trained, [("Colour?", [red]), ("Hi", [])], max_new_tokens=64, batch_size=2)
+    assert any(expected), f"the run's model answers nothing to either question, so this test cannot tell: {expected}"
+    assert [a["answer"] for a in answers] == expected
+    # one question on the command line: predict prints the model's answer
+    capsys.readouterr()
+    assert predict(["--model", str(finished["full"]), "--question", "Colour?", "--image", red]) == 0
+    alone = ask_model(trained, [("Colour?", [red])], max_new_tokens=64)[0]
+    assert alone, "the run's model answers nothing to this question, so this test cannot tell"
+    assert capsys.readouterr().out == alone + "\n"
     (tmp_path / "bad.jsonl").write_text('{"images": ["../outside.png"], "question": "?"}\n')
     assert (
         predict(["--model", str(finished["full"]), "--questions", str(tmp_path / "bad.jsonl"), "--answers", "x"]) == 1

@@ -10,7 +10,7 @@ from phi3v import Phi3VForCausalLM
 from phi3v.args import RecipeArguments, parse_args
 from phi3v.errors import RecipeError
 from phi3v.training.guards import GradientWatch, LossGuard, parameter_group, trainable_parameter_table
-from phi3v.training.preparation import prepare_for_training
+from phi3v.training.preparation import lora_target_modules, prepare_for_training
 
 
 @pytest.fixture
@@ -47,10 +47,28 @@ def test_the_table_counts_every_parameter_once(model):
 
 
 def test_lora_rows(model):
+    """Each LoRA row counts rank x (inputs + outputs) per adapted Linear of its part, all of it trainable; the
+    base weights train nothing."""
+    parts = {
+        "decoder layers": "model.layers.",
+        "vision tower (CLIP)": "model.vision_embed_tokens.img_processor.",
+        "projector": "model.vision_embed_tokens.img_projection.",
+        "lm_head": "lm_head",
+    }
+    linears = {name: module for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    adapted = {name: linears[name] for name in lora_target_modules(model, include_vision=True)}
+    expected = {
+        part: sum(4 * (m.in_features + m.out_features) for name, m in adapted.items() if name.startswith(prefix))
+        for part, prefix in parts.items()
+    }
+    every_adapter = sum(4 * (m.in_features + m.out_features) for m in adapted.values())
+    assert all(expected.values()) and sum(expected.values()) == every_adapter  # no adapter outside these parts
     peft_model = prepare_for_training(model, parse_args(RecipeArguments, ["--use_lora", "--lora_rank", "4"]))
     rows = table_rows(trainable_parameter_table(peft_model))
-    assert rows["decoder layers"][0] == 0 and rows["LoRA adapters on decoder layers"][0] > 0
-    assert rows["LoRA adapters on vision tower (CLIP)"][0] > 0 and rows["LoRA adapters on projector"][0] > 0
+    for part, count in expected.items():
+        assert rows[f"LoRA adapters on {part}"] == (count, count), part
+    assert rows["decoder layers"][0] == 0 and rows["vision tower (CLIP)"][0] == 0 and rows["lm_head"][0] == 0
+    assert rows["all"][0] == every_adapter
 
 
 def test_nothing_trainable_is_refused(model):

@@ -5,17 +5,16 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from PIL import Image
 
 from phi3v import Phi3VConfig, Phi3VForCausalLM
 from phi3v.args import RecipeArguments
 from phi3v.errors import RecipeError
 from phi3v.training import loading
 from phi3v.training.loading import load_for_recipe, load_model, load_processor, load_trained_for_evaluation
+from tests.conftest import noise_image
 
 
 def recipe_args(model: str, **flags) -> RecipeArguments:
@@ -23,8 +22,7 @@ def recipe_args(model: str, **flags) -> RecipeArguments:
 
 
 def batch(processor, question: str = "What colour is the shape?"):
-    rng = np.random.default_rng(1)
-    image = Image.fromarray(rng.integers(0, 256, (40, 60, 3), dtype=np.uint8))
+    image = noise_image(60, 40, seed=1)
     prompt = processor.tokenizer.apply_chat_template(
         [{"role": "user", "content": f"<|image_1|>\n{question}"}], tokenize=False, add_generation_prompt=True
     )
