@@ -24,8 +24,14 @@ from phi3v.models.tiny import write_tiny_checkpoint
 from phi3v.training.preparation import prepare_for_training
 
 REPO = Path(__file__).resolve().parents[1]
-REFERENCE = Path(os.environ.get("PHI3V_REFERENCE_DIR", REPO.parent / "shared" / "reference"))
-OFFICIAL = REFERENCE / "phi35v_official"
+# A folder with phi35v_official/ and phi3v_128k_official/: the official config, processor and tokenizer files
+# (no weights). The tests that compare against them skip when it is not given.
+REFERENCE = Path(os.environ["PHI3V_REFERENCE_DIR"]) if os.environ.get("PHI3V_REFERENCE_DIR") else None
+
+
+def reference_file(name: str) -> Path | None:
+    """``name`` in the reference folder, or None when no folder is given."""
+    return REFERENCE / name if REFERENCE is not None else None
 
 
 def flip_bytes(path: Path, count: int = 8) -> None:
@@ -103,15 +109,18 @@ def loss_and_gradients(
     return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
 
 
-def require_reference(path: Path) -> Path:
+def require_reference(path: Path | None) -> Path:
+    if path is None:
+        pytest.skip("PHI3V_REFERENCE_DIR is not set: it names a folder with the official config, processor and "
+                    "tokenizer files (phi35v_official/, phi3v_128k_official/)")  # fmt: skip
     if not path.exists():
-        pytest.skip(f"{path} is absent: the official reference files live in ../shared on the project machines")
+        pytest.skip(f"{path} is absent (from PHI3V_REFERENCE_DIR)")
     return path
 
 
 @pytest.fixture(scope="session")
 def official_dir() -> Path:
-    return require_reference(OFFICIAL)
+    return require_reference(reference_file("phi35v_official"))
 
 
 @pytest.fixture(scope="session")

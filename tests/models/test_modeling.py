@@ -14,7 +14,7 @@ from transformers.models.phi3.modeling_phi3 import Phi3RotaryEmbedding
 
 from phi3v import Phi3VConfig, Phi3VForCausalLM
 from phi3v.data.conversation import Conversation, Turn
-from tests.conftest import REFERENCE, noise_image, require_reference, training_batch
+from tests.conftest import noise_image, reference_file, require_reference, training_batch
 
 
 def chat(processor, question: str, n_images: int) -> str:
@@ -28,7 +28,7 @@ def chat(processor, question: str, n_images: int) -> str:
 
 
 def test_official_config_gives_the_official_layout(official_dir):
-    layout = json.loads(require_reference(REFERENCE / "phi35v_checkpoint_layout.json").read_text())
+    layout = json.loads(require_reference(reference_file("phi35v_checkpoint_layout.json")).read_text())
     config = AutoConfig.from_pretrained(official_dir)
     assert isinstance(config, Phi3VConfig)
     with torch.device("meta"):
