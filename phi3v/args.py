@@ -114,6 +114,34 @@ class RecipeArguments:
     skip_bad_samples: bool = flag(
         False, "(new) drop bad or too long samples (counted, listed in skipped_samples.jsonl) instead of stopping"
     )
+    eval_strategy: str = flag(
+        "no",
+        "(new) evaluate with the recipe's metric during training: every --eval_steps optimizer steps (steps), at "
+        "each epoch's end (epoch), or only before and after training (no, the original)",
+        choices=["no", "steps", "epoch"],
+    )
+    eval_steps: int | None = flag(None, "(new) evaluate every N optimizer steps (implies --eval_strategy steps)")
+    eval_samples_during_training: int | None = flag(
+        None,
+        "(new) evaluate during training on the first K held-out samples (default: all of them); the evaluation "
+        "after training always uses all",
+    )
+    save_best: bool = flag(
+        False,
+        "(new) write a checkpoint whenever an evaluation during training beats the best so far, recorded in "
+        "best_checkpoint.json; --save_total_limit never removes it",
+    )
+    load_best_model_at_end: bool = flag(
+        False,
+        "(new) the model saved to --output_dir and evaluated after training is the best checkpoint's (implies "
+        "--save_best)",
+    )
+    early_stopping_patience: int | None = flag(
+        None, "(new) stop training after P evaluations during training without improvement"
+    )
+    early_stopping_threshold: float = flag(
+        0.0, "(new) the least gain over the best score that counts as an improvement"
+    )
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_crops <= 16:
@@ -126,6 +154,7 @@ class RecipeArguments:
         for name in ("max_eval_samples", "save_steps", "save_total_limit", "max_length", "ddp_timeout"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
+        self._check_evaluation_during_training()
         if self.use_qlora and not self.use_lora:
             logger.info("--use_qlora implies --use_lora.")
             self.use_lora = True
@@ -139,6 +168,33 @@ class RecipeArguments:
             self.deepspeed = ""
         elif not self.use_lora:
             self.deepspeed = str(_find_config(self.deepspeed))
+
+    def _check_evaluation_during_training(self) -> None:
+        for name in ("eval_steps", "eval_samples_during_training", "early_stopping_patience"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
+        if self.early_stopping_threshold < 0:
+            raise ValueError(f"--early_stopping_threshold must be 0 or more, got {self.early_stopping_threshold}.")
+        if self.eval_steps is not None and self.eval_strategy == "no":
+            self.eval_strategy = "steps"
+        if self.eval_strategy == "steps" and self.eval_steps is None:
+            raise ValueError("--eval_strategy steps needs --eval_steps N (evaluate every N optimizer steps).")
+        if self.eval_strategy == "epoch" and self.eval_steps is not None:
+            raise ValueError("--eval_steps evaluates every N steps, --eval_strategy epoch once an epoch: pick one.")
+        if self.eval_steps is not None and 0 < self.max_steps < self.eval_steps:
+            raise ValueError(f"--eval_steps {self.eval_steps} is more than --max_steps {self.max_steps}: no evaluation "
+                             "would run during training.")  # fmt: skip
+        acting = ("save_best", "load_best_model_at_end", "early_stopping_patience", "eval_samples_during_training")
+        needs_evaluations = [f"--{name}" for name in acting if getattr(self, name) not in (None, False)]
+        if needs_evaluations and self.eval_strategy == "no":
+            raise ValueError(f"{', '.join(needs_evaluations)} acts on evaluations during training: add --eval_steps N "
+                             "or --eval_strategy epoch.")  # fmt: skip
+        if self.load_best_model_at_end:
+            self.save_best = True
+
+    @property
+    def evaluates_during_training(self) -> bool:
+        return self.eval_strategy != "no"
 
     @property
     def uses_deepspeed(self) -> bool:
@@ -223,6 +279,10 @@ class ExportArguments:
     out: str = flag(None, "folder to write", required=True)
     base: str | None = flag(None, "base model of a LoRA run (default: the one its adapter config names)")
     dtype: str = flag("bfloat16", "dtype of the exported weights", choices=list(EXPORT_DTYPES))
+    checkpoint: str | None = flag(
+        None,
+        "export a checkpoint of the run instead of its final model: best (best_checkpoint.json), latest, or a step",
+    )
     overwrite: bool = flag(False, "replace --out when it already holds files")
 
 

@@ -160,12 +160,14 @@ def evaluate(
     num_workers: int = 0,
     mode: str = "generate",
     positive_label: str | None = None,
+    details: dict | None = None,
 ) -> float | None:
     """Evaluate on all ranks, write ``output_file`` on rank 0 and return the score there (None elsewhere).
 
     ``mode`` "generate" answers greedily (the original); "likelihood" predicts the label, among the
     evaluation set's reference answers, that the model finds most likely. With ``positive_label`` the
-    labels are scored in either mode and the AUROC of that label's probability is reported too."""
+    labels are scored in either mode and the AUROC of that label's probability is reported too. ``details``
+    go into ``output_file`` as they are."""
     state = PartialState()
     was_training = model.training
     model.eval()
@@ -191,6 +193,7 @@ def evaluate(
     score = METRICS[metric](predictions, references)
     report = {"answers_unique": references, "generated_texts_unique": predictions, metric: score}
     report["num_samples"] = len(ordered)
+    report |= details or {}
     if labels:
         report |= {"labels": labels, "label_log_likelihoods": [r["scores"] for r in ordered]}
     if positive_label:

@@ -4,8 +4,9 @@ A script supplies a ``Task``: its flags, how to load its splits, what a row beco
 for evaluation, and its metric. Everything else is shared, so the scripts differ only there.
 
     check --output_dir (resume point) -> load and validate every sample -> load the model
-    -> evaluate (skipped on resume when eval_before.json exists) -> train (checkpoints, preemption)
-    -> save -> reload (LoRA, ZeRO-3) -> evaluate
+    -> evaluate (skipped on resume when eval_before.json exists) -> train (checkpoints, preemption,
+    evaluations during training) -> save (the best checkpoint's model with --load_best_model_at_end)
+    -> reload (LoRA, ZeRO-3, best model) -> evaluate
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from .training.failure import (
 from .training.loading import load_for_recipe, load_processor, load_trained_for_evaluation
 from .training.preemption import StopRequest
 from .training.preparation import prepare_for_training
+from .training.selection import EvaluationDuringTraining, check_evaluation_during_training, use_best_checkpoint
 from .training.trainer import setup_distributed, train_and_save
 
 logger = logging.getLogger("phi3v")
@@ -96,6 +98,7 @@ def _run(
         args.dataloader_num_workers = available_cpus()
     if args.eval_mode == "likelihood" and not task.classification:
         raise RecipeError("--eval_mode likelihood scores a fixed set of labels; this recipe's answers are free text.")
+    check_evaluation_during_training(args, metric)
     resume_from = prepare_output_dir(args)
     if state.is_main_process:
         write_run_args(args, output_dir)
@@ -130,7 +133,7 @@ def _run(
     progress.phase = PREPARING
     transformers.set_seed(args.seed)  # LoRA's random initialisation, the same for the same --seed
     model = prepare_for_training(model, args)
-    metrics = MetricsCallback(output_dir, images_per_sample)
+    metrics = MetricsCallback(output_dir, images_per_sample, metric)
     model = train_and_save(
         model,
         processor,
@@ -142,22 +145,26 @@ def _run(
         train_set.source.where,
         metrics,
         progress,
+        _evaluation_during_training(args, metric, run_evaluation, eval_set),
     )
     if model is None:
         checkpoint = output_dir / f"checkpoint-{stop_request.stopped_at_step}"
         _stop_for_signal(stop_request, f"{checkpoint} is complete; rerun the same command with "
                                        "--resume_from_checkpoint latest to continue")  # fmt: skip
     progress.phase = EVALUATING_AFTER
-    if args.use_lora or args.uses_zero3:  # free the training model before loading the saved one
+    best = use_best_checkpoint(output_dir) if args.load_best_model_at_end else None
+    model_step = best["step"] if best is not None else metrics.last_step
+    if args.use_lora or args.uses_zero3 or best is not None:  # free the training model first
         del model
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         model = load_trained_for_evaluation(args)
-    after = run_evaluation(model, output_file=output_dir / "eval_after.json")
+    after = run_evaluation(model, output_file=output_dir / "eval_after.json", details={"model_step": model_step})
     if state.is_main_process:
         final_loss = (step_records(metrics.log_history) or [{}])[-1].get("loss")
         update_metrics(output_dir, after=after, auroc_after=_auroc(output_dir / "eval_after.json"))
+        update_metrics(output_dir, model_step=model_step)
         update_metrics(output_dir, final_loss=final_loss, total_runtime_s=time.monotonic() - started)
         logger.info("Run report: %s and %s", output_dir / "metrics.json", plot_report(output_dir))
     if state.is_main_process and metric != "none":
@@ -178,6 +185,18 @@ def _checked_datasets(task: Task, args: RecipeArguments, processor, state, resum
     eval_set = EvaluationSamples(held_out, checked.eval_rows, task.eval_conversation, processor)
     logger.info("%d training samples, %d evaluation samples", len(train_set), len(eval_set))
     return train_set, eval_set, checked.train_images_per_sample
+
+
+def _evaluation_during_training(
+    args: RecipeArguments, metric: str, run_evaluation, eval_set: EvaluationSamples
+) -> EvaluationDuringTraining | None:
+    """The evaluation during training: the one after training, on the first --eval_samples_during_training
+    samples, without its progress bar (the training one is on screen)."""
+    if not args.evaluates_during_training:
+        return None
+    samples = eval_set.head(args.eval_samples_during_training or len(eval_set))
+    evaluate_samples = partial(run_evaluation, dataset=samples, show_progress=False)
+    return EvaluationDuringTraining(args, metric, evaluate_samples, len(samples))
 
 
 def _evaluate_before(run_evaluation, model, output_dir: Path, metric: str, resume_from: str | None) -> float | None:

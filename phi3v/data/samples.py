@@ -126,6 +126,10 @@ class EvaluationSamples(torch.utils.data.Dataset):
                               "check the data again with python -m phi3v.validate.") from None  # fmt: skip
         return {**example, "index": index, "answers": conversation.references()}
 
+    def head(self, count: int) -> EvaluationSamples:
+        """The first ``count`` samples (all when there are fewer)."""
+        return EvaluationSamples(self.source, self.rows[:count], self.conversation, self.processor)
+
     def references(self, index: int) -> list[str]:
         """The reference answers of sample ``index``, without encoding it."""
         return self.conversation(self.source.rows[self.rows[index]]).references()

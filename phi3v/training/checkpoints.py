@@ -39,7 +39,9 @@ CHECKSUM = "xxh3_128"  # a fast non-cryptographic hash: it finds damage, not tam
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 # Files one rank writes: its RNG state (HF Trainer) and its DeepSpeed shards
 RANK_FILE = re.compile(r"(?:^|[/_])(?:rng_state|zero_pp_rank)_(\d+)[._]")
-RUN_OUTPUTS = ("eval_before.json", "eval_after.json", SKIPPED_SAMPLES)
+BEST_CHECKPOINT = "best_checkpoint.json"  # the checkpoint of the best evaluation during training (--save_best)
+EVALUATIONS = "evaluations"  # the answers of each evaluation during training, step-N.json
+RUN_OUTPUTS = ("eval_before.json", "eval_after.json", SKIPPED_SAMPLES, BEST_CHECKPOINT)
 HASH_CHUNK = 64 * 1024**2
 
 
@@ -176,13 +178,26 @@ def newest_complete(output_dir: str | Path) -> Path | None:
     return next(complete, None)
 
 
+def best_checkpoint(output_dir: str | Path) -> dict[str, Any] | None:
+    """The record of the best checkpoint (``{"step", "metric", "score", "checkpoint"}``), or None."""
+    path = Path(output_dir) / BEST_CHECKPOINT
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def rotate_checkpoints(output_dir: str | Path, keep: int | None) -> None:
-    """Keep the ``keep`` newest complete checkpoints; drop older ones and incomplete leftovers below them."""
+    """Keep the ``keep`` newest complete checkpoints and the best one; drop older ones and incomplete leftovers
+    below them."""
     folders = checkpoint_folders(output_dir)
     complete = [step for step, folder in folders if incompleteness(folder) is None]
     if not complete:
         return
     kept = set(complete[-keep:]) if keep else set(complete)
+    best = best_checkpoint(output_dir)
+    if best is not None:
+        kept.add(best["step"])
     for step, folder in folders:
         if step not in kept and (step in complete or step < complete[-1]):
             shutil.rmtree(folder, ignore_errors=True)
@@ -260,6 +275,7 @@ def _decide(args: RecipeArguments) -> list[str] | None:
             shutil.rmtree(folder)
         for name in RUN_OUTPUTS:
             (output_dir / name).unlink(missing_ok=True)
+        shutil.rmtree(output_dir / EVALUATIONS, ignore_errors=True)
         if checkpoints or finished:
             logger.warning(
                 "--overwrite_output_dir: removed the earlier run's checkpoints and results in %s", output_dir

@@ -34,6 +34,7 @@ from .checkpoints import CheckpointCallback
 from .failure import SAVING, RunProgress, resume_command
 from .guards import GradientWatch, LossGuard, UnreadableSamples
 from .preemption import PreemptionCallback, StopRequest
+from .selection import EvaluationDuringTraining
 
 logger = logging.getLogger(__name__)
 
@@ -189,10 +190,12 @@ def train_and_save(
     describe_row: Callable[[int], str],
     metrics: MetricsCallback,
     progress: RunProgress,
+    selection: EvaluationDuringTraining | None = None,
 ) -> Phi3VForCausalLM | None:
-    """Train (resuming from ``resume_from``), save the model (adapters only for LoRA) and the processor to
-    --output_dir, and return the trained model without its DDP/DeepSpeed wrapper. Returns None when a stop
-    signal ended training early: a checkpoint was written instead."""
+    """Train (resuming from ``resume_from``), save the processor to --output_dir first (an export of a
+    checkpoint needs it, whatever happens next), then the model (adapters only for LoRA), and return the
+    trained model without its DDP/DeepSpeed wrapper. Returns None when a stop signal ended training early: a
+    checkpoint was written instead. ``selection`` evaluates during training."""
     training_args = build_training_args(args, accumulation_steps)
     logger.info("Trainer: %s over %d process(es)", training_args.parallel_mode.value, training_args.world_size)
     if args.save_steps and PartialState().is_main_process:  # in the log even if the run is killed without a word
@@ -206,6 +209,7 @@ def train_and_save(
         loss_guard,
         unreadable,
         GradientWatch(model),
+        *([selection] if selection is not None else []),  # after CheckpointCallback: a best is recorded once complete
         PreemptionCallback(stop_request),
         metrics,
         progress,  # last: it sees whether the callbacks before it asked for a checkpoint
@@ -220,14 +224,16 @@ def train_and_save(
         unreadable=unreadable,
         group_by_length=args.group_by_length,
     )
+    if selection is not None:
+        selection.attach(trainer)
+    state = PartialState()
+    if state.is_main_process:
+        processor.save_pretrained(args.output_dir)
     trainer.train(resume_from_checkpoint=resume_from)
     if stop_request.stopped_at_step is not None:
         return None
     progress.phase = f"{SAVING} to {args.output_dir}"
     trainer.save_model()
-    state = PartialState()
-    if state.is_main_process:
-        processor.save_pretrained(args.output_dir)
     state.wait_for_everyone()
     progress.model_saved = True
     return trainer.accelerator.unwrap_model(trainer.model)

@@ -1,0 +1,256 @@
+"""Picking the model while it trains, without a model: the best and the patience counter, the callback's
+decisions at each step (evaluate, log, save, stop), the random state kept, the flags' checks, the best
+checkpoint kept by rotation and copied into the run folder."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from transformers import TrainerControl, TrainerState
+
+from phi3v.args import RecipeArguments, parse_args
+from phi3v.errors import RecipeError
+from phi3v.training.checkpoints import BEST_CHECKPOINT, mark_complete, rotate_checkpoints
+from phi3v.training.selection import (
+    EvaluationDuringTraining,
+    Standing,
+    check_evaluation_during_training,
+    logged_scores,
+    random_state_kept,
+    standing_after,
+    use_best_checkpoint,
+)
+from tests.conftest import flip_bytes
+
+
+def recipe_args(tmp_path: Path, *flags: str) -> RecipeArguments:
+    return parse_args(RecipeArguments, ["--output_dir", str(tmp_path), "--use_lora", *flags])
+
+
+# --- the best so far --------------------------------------------------------------------------------------
+
+
+def test_the_best_is_the_first_highest_score_and_stale_counts_the_evaluations_after_it():
+    scores = [(2, 0.1), (4, 0.5), (6, 0.5), (8, 0.3)]
+    assert standing_after(scores, threshold=0.0) == Standing(best_step=4, best_score=0.5, stale=2)
+    assert standing_after(scores[:2], threshold=0.0) == Standing(4, 0.5, 0)
+    assert standing_after([], threshold=0.0) == Standing(None, None, 0)
+
+
+def test_a_gain_within_the_threshold_is_no_improvement():
+    scores = [(2, 0.50), (4, 0.52), (6, 0.60)]
+    assert standing_after(scores, threshold=0.05) == Standing(6, 0.60, 0)
+    assert standing_after(scores[:2], threshold=0.05) == Standing(2, 0.50, 1)
+
+
+def test_scores_are_read_back_from_the_trainers_log_history():
+    history = [
+        {"loss": 2.0, "step": 1},
+        {"eval_anls": 0.25, "eval_samples": 3, "epoch": 0.5, "step": 2},
+        {"loss": 1.5, "step": 2},
+        {"eval_accuracy": 0.9, "step": 3},  # another metric's key is not this run's
+        {"eval_anls": 0.5, "eval_samples": 3, "epoch": 1.0, "step": 4},
+    ]
+    assert logged_scores(history, "anls") == [(2, 0.25), (4, 0.5)]
+
+
+def test_the_random_state_is_put_back_after_an_evaluation():
+    torch.manual_seed(3), random.seed(3), np.random.seed(3)
+    with random_state_kept():
+        torch.rand(5), random.random(), np.random.rand(), torch.empty((), dtype=torch.int64).random_()
+    after = (torch.rand(2), random.random(), np.random.rand())
+    torch.manual_seed(3), random.seed(3), np.random.seed(3)
+    untouched = (torch.rand(2), random.random(), np.random.rand())
+    assert torch.equal(after[0], untouched[0]) and after[1:] == untouched[1:]
+
+
+# --- the callback's decisions --------------------------------------------------------------------------------
+
+
+class FakeTrainer:
+    """What the callback takes from the Trainer: the model, log() (as Trainer.log: the log history and the
+    should_log flag it clears) and the autocast context."""
+
+    def __init__(self, state: TrainerState, control: TrainerControl):
+        self.state, self.control, self.model = state, control, torch.nn.Linear(1, 1)
+        self.accelerator = SimpleNamespace(unwrap_model=lambda model: model)
+
+    def log(self, logs: dict) -> None:
+        self.state.log_history.append({**logs, "step": self.state.global_step})
+        self.control.should_log = False
+
+    def autocast_smart_context_manager(self):
+        return contextlib.nullcontext()
+
+
+def run_steps(args: RecipeArguments, scores: dict[int, float], steps: int, state: TrainerState | None = None):
+    """Drive the callback through ``steps`` optimizer steps as the Trainer does; ``scores`` gives the metric
+    at each step. Returns (state, control, callback, [(step, should_save, should_log)], steps evaluated)."""
+    evaluated = []
+
+    def evaluate(model, output_file: Path) -> float:
+        evaluated.append(int(output_file.stem.split("-")[1]))
+        return scores[evaluated[-1]]
+
+    state = state or TrainerState()
+    control = TrainerControl()
+    callback = EvaluationDuringTraining(args, "anls", evaluate, num_samples=3)
+    callback.attach(FakeTrainer(state, control))
+    callback.on_train_begin(args, state, control)
+    flags = []
+    while state.global_step < steps and not control.should_training_stop:
+        control.should_log = control.should_save = False
+        state.global_step += 1
+        control.should_log = state.global_step % args.logging_steps == 0
+        callback.on_step_end(args, state, control)
+        flags.append((state.global_step, control.should_save, control.should_log))
+        if control.should_save:
+            callback.on_save(args, state, control)
+    return state, control, callback, flags, evaluated
+
+
+def test_it_evaluates_every_eval_steps_and_keeps_the_steps_loss_line_due(tmp_path):
+    args = recipe_args(tmp_path, "--eval_steps", "2", "--logging_steps", "1")
+    state, control, _, flags, evaluated = run_steps(args, {2: 0.1, 4: 0.2, 6: 0.3}, steps=6)
+    assert evaluated == [2, 4, 6]
+    assert logged_scores(state.log_history, "anls") == [(2, 0.1), (4, 0.2), (6, 0.3)]
+    assert all(should_log for _, _, should_log in flags)  # Trainer.log cleared it; the callback put it back
+    assert not any(should_save for _, should_save, _ in flags)  # no --save_best
+    assert json.loads((tmp_path / "metrics.json").read_text())["best"] == {"step": 6, "anls": 0.3}
+
+
+def test_save_best_asks_for_a_checkpoint_at_each_new_best_and_records_it(tmp_path):
+    args = recipe_args(tmp_path, "--eval_steps", "2", "--save_best")
+    _, _, _, flags, _ = run_steps(args, {2: 0.1, 4: 0.4, 6: 0.2, 8: 0.4, 10: 0.5}, steps=10)
+    assert [step for step, should_save, _ in flags if should_save] == [2, 4, 10]
+    record = json.loads((tmp_path / BEST_CHECKPOINT).read_text())
+    assert record == {"step": 10, "metric": "anls", "score": 0.5, "checkpoint": "checkpoint-10"}
+
+
+def test_early_stopping_stops_after_patience_evaluations_without_improvement(tmp_path):
+    args = recipe_args(tmp_path, "--eval_steps", "2", "--early_stopping_patience", "2")
+    state, control, _, _, evaluated = run_steps(args, {2: 0.3, 4: 0.5, 6: 0.5, 8: 0.4, 10: 0.9}, steps=20)
+    assert control.should_training_stop and state.global_step == 8 and evaluated == [2, 4, 6, 8]
+
+
+def test_a_resumed_run_continues_with_the_evaluations_in_its_checkpoints_history(tmp_path):
+    """Patience counted before the interruption still counts after it; the best record is rewritten from the
+    history (an abandoned future's best, here step 10, is forgotten)."""
+    args = recipe_args(tmp_path, "--eval_steps", "2", "--early_stopping_patience", "2", "--save_best")
+    scores = {2: 0.3, 4: 0.5, 6: 0.4, 8: 0.1, 10: 0.9}
+    (tmp_path / BEST_CHECKPOINT).write_text(json.dumps({"step": 10, "checkpoint": "checkpoint-10"}))
+    resumed = TrainerState(global_step=6, log_history=[{"eval_anls": 0.3, "step": 2}, {"eval_anls": 0.5, "step": 4},
+                                                        {"eval_anls": 0.4, "step": 6}])  # fmt: skip
+    state, control, callback, _, evaluated = run_steps(args, scores, steps=20, state=resumed)
+    assert evaluated == [8] and state.global_step == 8 and control.should_training_stop
+    assert json.loads((tmp_path / BEST_CHECKPOINT).read_text())["step"] == 4
+
+
+def test_epoch_evaluation_runs_at_an_epochs_end_not_at_a_stop_in_its_middle(tmp_path):
+    args = recipe_args(tmp_path, "--eval_strategy", "epoch")
+    evaluated = []
+    callback = EvaluationDuringTraining(args, "anls", lambda model, output_file: evaluated.append(1) or 0.5, 3)
+    state, control = TrainerState(global_step=6, epoch=1.0), TrainerControl()
+    callback.attach(FakeTrainer(state, control))
+    callback.on_step_end(args, state, control)
+    callback.on_epoch_end(args, state, control)
+    state.global_step, state.epoch = 8, 1.5  # stopped mid-epoch (a signal, --max_steps)
+    callback.on_epoch_end(args, state, control)
+    assert len(evaluated) == 1 and logged_scores(state.log_history, "anls") == [(6, 0.5)]
+
+
+# --- the flags ----------------------------------------------------------------------------------------------
+
+
+def test_eval_steps_implies_the_steps_strategy_and_load_best_implies_save_best(tmp_path):
+    args = recipe_args(tmp_path, "--eval_steps", "5", "--load_best_model_at_end")
+    assert (args.eval_strategy, args.save_best, args.evaluates_during_training) == ("steps", True, True)
+    assert not recipe_args(tmp_path).evaluates_during_training  # the original: only before and after
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--save_best"], "--save_best acts on evaluations during training"),
+        (["--load_best_model_at_end"], "--load_best_model_at_end acts on evaluations during training"),
+        (["--early_stopping_patience", "2"], "--early_stopping_patience acts on evaluations"),
+        (["--eval_strategy", "steps"], "needs --eval_steps N"),
+        (["--eval_strategy", "epoch", "--eval_steps", "3"], "pick one"),
+        (["--eval_steps", "0"], "--eval_steps must be at least 1"),
+        (["--eval_steps", "10", "--max_steps", "8"], "no evaluation would run"),
+        (["--eval_steps", "2", "--early_stopping_threshold", "-1"], "--early_stopping_threshold must be 0 or more"),
+    ],
+)
+def test_flags_that_cannot_work_are_refused_when_parsed(tmp_path, flags, message, capsys):
+    with pytest.raises(SystemExit):
+        recipe_args(tmp_path, *flags)
+    assert message in capsys.readouterr().err
+
+
+def test_what_evaluation_during_training_cannot_do_is_refused_before_loading(tmp_path):
+    with pytest.raises(RecipeError, match="--metric none"):
+        check_evaluation_during_training(recipe_args(tmp_path, "--eval_steps", "2"), "none")
+    zero3 = parse_args(RecipeArguments, ["--output_dir", str(tmp_path), "--deepspeed", "ds_configs/zero3.json",
+                                         "--eval_steps", "2"])  # fmt: skip
+    with pytest.raises(RecipeError, match="ZeRO-3 shards them"):
+        check_evaluation_during_training(zero3, "anls")
+    check_evaluation_during_training(recipe_args(tmp_path, "--eval_steps", "2"), "anls")  # LoRA: fine
+
+
+# --- the best checkpoint on disk ----------------------------------------------------------------------------
+
+
+def write_checkpoint(output_dir: Path, step: int) -> Path:
+    folder = output_dir / f"checkpoint-{step}"
+    folder.mkdir(parents=True)
+    (folder / "adapter_model.safetensors").write_bytes(f"weights of step {step}".encode())
+    (folder / "adapter_config.json").write_text(json.dumps({"step": step}))
+    (folder / "optimizer.pt").write_bytes(b"o" * 10)
+    mark_complete(folder)
+    return folder
+
+
+def record_best(output_dir: Path, step: int) -> None:
+    record = {"step": step, "metric": "anls", "score": 0.5, "checkpoint": f"checkpoint-{step}"}
+    (output_dir / BEST_CHECKPOINT).write_text(json.dumps(record))
+
+
+def test_rotation_keeps_the_best_checkpoint(tmp_path):
+    for step in (2, 4, 6, 8):
+        write_checkpoint(tmp_path, step)
+    record_best(tmp_path, 4)
+    rotate_checkpoints(tmp_path, keep=1)
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-8"]
+
+
+def test_the_best_checkpoints_model_replaces_the_final_one(tmp_path):
+    write_checkpoint(tmp_path, 4)
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"final weights")
+    record_best(tmp_path, 4)
+    assert use_best_checkpoint(tmp_path)["step"] == 4
+    assert (tmp_path / "adapter_model.safetensors").read_bytes() == b"weights of step 4"
+    assert json.loads((tmp_path / "adapter_config.json").read_text()) == {"step": 4}
+    assert not (tmp_path / "optimizer.pt").exists()  # the model only
+
+
+def test_a_damaged_best_checkpoint_is_refused_and_the_final_model_stays(tmp_path):
+    folder = write_checkpoint(tmp_path, 4)
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"final weights")
+    record_best(tmp_path, 4)
+    flip_bytes(folder / "adapter_model.safetensors")
+    with pytest.raises(RecipeError, match="checkpoint-4 cannot be used .*does not match the checksum"):
+        use_best_checkpoint(tmp_path)
+    assert (tmp_path / "adapter_model.safetensors").read_bytes() == b"final weights"
+
+
+def test_without_any_evaluation_the_final_model_stays(tmp_path, caplog):
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"final weights")
+    assert use_best_checkpoint(tmp_path) is None
+    assert "no evaluation ran during training" in caplog.text
