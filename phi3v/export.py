@@ -1,6 +1,10 @@
 """Export a finished run as a standalone model folder in the official Phi-3.5-vision layout.
 
     python -m phi3v.export --model OUTPUT_DIR --out DIR [--base PATH] [--dtype bfloat16|float16|float32] [--overwrite]
+    python -m phi3v.export --model OUTPUT_DIR --out DIR --checkpoint best     # or latest, or a step: 400
+
+By default the run's final model is exported; ``--checkpoint`` exports one of its complete checkpoints
+instead (best: the one best_checkpoint.json names, written by --save_best), with the run's processor.
 
 A LoRA or QLoRA run's adapters (language model, CLIP and projector) are merged into the unquantized base
 model; a full finetune is copied. The folder holds what the official checkpoint holds, so the original
@@ -36,7 +40,7 @@ from .exporting import export
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(ExportArguments, argv, __doc__)
     logging.basicConfig(level=logging.WARNING)
-    export(args.model, args.out, base=args.base, dtype=args.dtype, overwrite=args.overwrite)
+    export(args.model, args.out, base=args.base, dtype=args.dtype, overwrite=args.overwrite, checkpoint=args.checkpoint)
     return 0
 
 

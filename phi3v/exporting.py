@@ -21,6 +21,7 @@ from .errors import RecipeError
 from .hub import require_folder
 from .inference import Trained, load_trained, run_base_model
 from .models.processing import Phi3VProcessor
+from .training.checkpoints import BEST_CHECKPOINT, best_checkpoint, checkpoint_folders, corruption, incompleteness
 from .training.loading import load_model
 
 logger = logging.getLogger(__name__)
@@ -40,22 +41,59 @@ LEFTOVERS = re.compile(r"lora_|base_layer|modules_to_save|absmax|quant_map|quant
 
 
 def export(
-    model_dir: str | Path, out: str | Path, base: str | None = None, dtype: str = "bfloat16", overwrite: bool = False
+    model_dir: str | Path,
+    out: str | Path,
+    base: str | None = None,
+    dtype: str = "bfloat16",
+    overwrite: bool = False,
+    checkpoint: str | None = None,
 ) -> float:
-    """Write the standalone folder; returns the largest logit difference between it and the run."""
+    """Write the standalone folder (of the run's final model, or of ``checkpoint``: best, latest or a step);
+    returns the largest logit difference between it and the run."""
     model_dir, out = Path(model_dir), Path(out).resolve()  # resolved: "." has no name to put a temporary folder beside
     require_folder(model_dir, "--model")
+    weights = chosen_checkpoint(model_dir, checkpoint) if checkpoint is not None else None
     check_destination(out, [model_dir, Path(base or run_base_model(model_dir) or model_dir)], overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir()
     try:
-        difference = _export(model_dir, partial, out, base, dtype)
+        difference = _export(model_dir, partial, out, base, dtype, weights)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
     return difference
+
+
+def chosen_checkpoint(model_dir: Path, choice: str) -> Path:
+    """The complete checkpoint of the run that ``choice`` names: best (best_checkpoint.json), latest, or a step."""
+    available = [step for step, folder in checkpoint_folders(model_dir) if incompleteness(folder) is None]
+    steps = ", ".join(map(str, available)) or "none"
+    if choice == "best":
+        record = best_checkpoint(model_dir)
+        if record is None:
+            raise RecipeError(f"--checkpoint best: {model_dir} has no {BEST_CHECKPOINT} (the run did not use "
+                              f"--save_best). Complete checkpoints: {steps}.")  # fmt: skip
+        step = record["step"]
+    elif choice == "latest":
+        if not available:
+            raise RecipeError(f"--checkpoint latest: {model_dir} holds no complete checkpoint.")
+        step = available[-1]
+    elif choice.isdigit():
+        step = int(choice)
+    else:
+        raise RecipeError(f"--checkpoint {choice}: give best, latest or a step number (complete checkpoints: {steps}).")
+    if step not in available:
+        raise RecipeError(f"--checkpoint {choice}: {model_dir} has no complete checkpoint-{step} (complete "
+                          f"checkpoints: {steps}).")  # fmt: skip
+    problem = corruption(model_dir / f"checkpoint-{step}")
+    if problem is not None:
+        raise RecipeError(f"--checkpoint {choice}: {model_dir / f'checkpoint-{step}'}: {problem}.")
+    if not (model_dir / "processor_config.json").is_file():
+        raise RecipeError(f"{model_dir} holds no processor_config.json: the run's processor is needed beside its "
+                          "checkpoints (runs save it when training starts).")  # fmt: skip
+    return model_dir / f"checkpoint-{step}"
 
 
 def check_destination(out: Path, protected: list[Path], overwrite: bool) -> None:
@@ -71,9 +109,11 @@ def check_destination(out: Path, protected: list[Path], overwrite: bool) -> None
                           "replace it.")  # fmt: skip
 
 
-def _export(model_dir: Path, partial: Path, out: Path, base: str | None, dtype: str) -> float:
+def _export(
+    model_dir: Path, partial: Path, out: Path, base: str | None, dtype: str, weights_folder: Path | None
+) -> float:
     """Export into ``partial``, then rename it to ``out`` (replacing what --overwrite allowed) and check it."""
-    trained = load_trained(model_dir, base=base, device="cpu")
+    trained = load_trained(model_dir, base=base, device="cpu", weights=weights_folder)
     sample = _reference_sample(trained.processor)
     with torch.no_grad():
         expected = trained.model(**sample).logits
@@ -94,7 +134,8 @@ def _export(model_dir: Path, partial: Path, out: Path, base: str | None, dtype: 
     exported = load_model(out, device="cpu", flag="--out").eval()
     with torch.no_grad():
         difference = (exported(**sample).logits - expected).abs().max().item()
-    print(f"Exported {trained.kind} run {model_dir} to {out} ({dtype}, {len(weights)} tensors).")
+    which = f" ({weights_folder.name})" if weights_folder is not None else ""
+    print(f"Exported {trained.kind} run {model_dir}{which} to {out} ({dtype}, {len(weights)} tensors).")
     print(f"Largest logit difference from the run on an image-and-text sample: {difference:.3g}")
     return difference
 

@@ -64,22 +64,25 @@ def load_trained(
     dtype: torch.dtype = torch.float32,
     device: str | None = None,
     num_crops: int | None = None,
+    weights: Path | None = None,
 ) -> Trained:
     """The model in ``model_dir`` ready for inference on ``device`` (default: this process's GPU if there is
-    one), with its processor (``num_crops``, default the one the run trained with)."""
+    one), with its processor (``num_crops``, default the one the run trained with). ``weights``: a checkpoint
+    folder of the run whose model is loaded instead of the final one (the processor stays the run's)."""
     model_dir = require_folder(model_dir, "--model")
-    is_lora = (model_dir / "adapter_config.json").is_file()
-    if not is_lora and not (model_dir / "config.json").is_file():
-        raise RecipeError(f"{model_dir} holds neither adapter_config.json (LoRA) nor config.json (a full model).")
+    weights = weights or model_dir
+    is_lora = (weights / "adapter_config.json").is_file()
+    if not is_lora and not (weights / "config.json").is_file():
+        raise RecipeError(f"{weights} holds neither adapter_config.json (LoRA) nor config.json (a full model).")
     given = base is not None
-    base = base or run_base_model(model_dir)
+    base = base or run_base_model(weights) or run_base_model(model_dir)
     if is_lora:
         if base is None:
-            raise RecipeError(f"{model_dir}/adapter_config.json names no base model: pass --base.")
+            raise RecipeError(f"{weights}/adapter_config.json names no base model: pass --base.")
         base = _base_model(base, model_dir, given)
-        model = load_model(base, dtype=dtype, device=device, adapters=model_dir, flag="--base")
+        model = load_model(base, dtype=dtype, device=device, adapters=weights, flag="--base")
     else:
-        model = load_model(model_dir, dtype=dtype, device=device, flag="--model")
+        model = load_model(weights, dtype=dtype, device=device, flag="--model")
     processor_kwargs = {"num_crops": num_crops} if num_crops else {}
     processor = AutoProcessor.from_pretrained(model_dir, **processor_kwargs)
     return Trained(model.eval(), processor, "lora" if is_lora else "full", base)

@@ -3,8 +3,9 @@
 - ``run_args.json`` (at start): every flag, the command line, the world size and the versions, so a
   sweep's runs can be compared (``python -m phi3v.runs``) and any run repeated.
 - ``metrics.json``: the loss, learning rate and gradient norm of every logged step (rewritten at each log,
-  so a run that dies keeps them), then the evaluation before and after, the run time and the speed.
-- ``training_report.png``: loss and learning rate per step, and the metric before and after.
+  so a run that dies keeps them), each evaluation during training and the best so far, then the evaluation
+  before and after (and ``model_step``, the step whose model was evaluated after), the run time and the speed.
+- ``training_report.png``: loss and learning rate per step, and the metric before, during and after training.
 """
 
 from __future__ import annotations
@@ -66,14 +67,26 @@ def step_records(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
+def evaluation_records(log_history: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
+    """One record per evaluation during training: ``{"step", "epoch", metric, "samples"}``."""
+    key = f"eval_{metric}"
+    return [
+        {"step": entry["step"], "epoch": entry.get("epoch"), metric: entry[key], "samples": entry.get("eval_samples")}
+        for entry in log_history
+        if key in entry
+    ]
+
+
 class MetricsCallback(TrainerCallback):
     """Keeps metrics.json up to date with every log line, on the main process."""
 
-    def __init__(self, output_dir: Path, images_per_sample: float):
+    def __init__(self, output_dir: Path, images_per_sample: float, metric: str = "none"):
         self.output_dir = output_dir
         self.images_per_sample = images_per_sample
+        self.metric = metric
         self.log_history: list[dict[str, Any]] = []
         self.train_summary: dict[str, Any] = {}
+        self.last_step = 0  # the optimizer step training ended at
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         self.log_history = list(state.log_history)
@@ -84,7 +97,13 @@ class MetricsCallback(TrainerCallback):
                 "train_images_per_second": logs["train_samples_per_second"] * self.images_per_sample,
             }
         if state.is_world_process_zero:
-            update_metrics(self.output_dir, steps=step_records(self.log_history), **self.train_summary)
+            records = {"steps": step_records(self.log_history), **self.train_summary}
+            evaluations = evaluation_records(self.log_history, self.metric)
+            update_metrics(self.output_dir, **records, **({"evaluations": evaluations} if evaluations else {}))
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.last_step = state.global_step
         return control
 
 
@@ -108,23 +127,36 @@ def plot_report(output_dir: Path) -> Path:
 
     metrics = json.loads((Path(output_dir) / "metrics.json").read_text())
     steps = metrics.get("steps", [])
-    figure, (loss_axis, lr_axis, metric_axis) = plt.subplots(1, 3, figsize=(14, 4), width_ratios=[3, 3, 1.4])
+    figure, (loss_axis, lr_axis, metric_axis) = plt.subplots(1, 3, figsize=(15, 4), width_ratios=[3, 3, 2])
     loss_axis.plot([s["step"] for s in steps], [s["loss"] for s in steps], color="tab:blue")
     loss_axis.set(title="training loss", xlabel="optimizer step")
     lr_axis.plot([s["step"] for s in steps], [s["learning_rate"] for s in steps], color="tab:orange")
     lr_axis.set(title="learning rate", xlabel="optimizer step")
     name = metrics.get("metric", "metric")
-    scores = [metrics.get("before"), metrics.get("after")]
-    metric_axis.bar(["before", "after"], [score or 0.0 for score in scores], color=["tab:gray", "tab:green"])
-    for x, score in enumerate(scores):
-        metric_axis.annotate("n/a" if score is None else f"{score:.3f}", (x, score or 0.0), ha="center", va="bottom")
-    metric_axis.set(title=name, ylim=(0, 1.05))
+    _draw_metric(metric_axis, metrics, name)
     figure.suptitle(f"{Path(output_dir).resolve().name}: {metrics.get('train_images_per_second', 0):.2f} images/s")
     figure.tight_layout()
     path = Path(output_dir) / "training_report.png"
     figure.savefig(path, dpi=100)
     plt.close(figure)
     return path
+
+
+def _draw_metric(axis, metrics: dict[str, Any], name: str) -> None:
+    """The metric before training (step 0), at each evaluation during training, and after training (at the
+    step whose model was evaluated)."""
+    evaluations = metrics.get("evaluations", [])
+    last_step = metrics.get("model_step") or max([s["step"] for s in metrics.get("steps", [])], default=1)
+    if evaluations:
+        axis.plot([e["step"] for e in evaluations], [e[name] for e in evaluations], "o-", color="tab:green",
+                  label="during training")  # fmt: skip
+    for label, step, score, color in (("before", 0, metrics.get("before"), "tab:gray"),
+                                      ("after", last_step, metrics.get("after"), "tab:red")):  # fmt: skip
+        if score is not None:
+            axis.plot([step], [score], "s", color=color, label=label)
+            axis.annotate(f"{score:.3f}", (step, score), textcoords="offset points", xytext=(0, 6), ha="center")
+    axis.set(title=name, xlabel="optimizer step", ylim=(0, 1.05))
+    axis.legend(loc="lower right", fontsize="small")
 
 
 def find_runs(paths: list[Path]) -> list[Path]:
@@ -155,13 +187,21 @@ def differing_flags(rows: list[dict[str, Any]]) -> list[str]:
 def table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     flags = differing_flags(rows)
     metric = next((row["metric"] for row in rows if row.get("metric")), "metric")
-    header = ["run", *flags, f"{metric} before", f"{metric} after", "final loss", "images/s", "train time (s)"]
+    selects = any(row.get("best") for row in rows)  # the best-so-far columns, for sweeps that evaluate during training
+    best_columns = [f"best {metric}", "best step"] if selects else []
+    header = ["run", *flags, f"{metric} before", *best_columns, f"{metric} after", "final loss", "images/s",
+              "train time (s)"]  # fmt: skip
     ordered = sorted(rows, key=lambda row: (row.get("after") is None, -(row.get("after") or 0.0)))
     body = [
         [
             row["run"],
             *[_cell(row["flags"].get(flag)) for flag in flags],
             _cell(row.get("before")),
+            *(
+                [_cell((row.get("best") or {}).get(metric)), _cell((row.get("best") or {}).get("step"))]
+                if selects
+                else []
+            ),  # fmt: skip
             _cell(row.get("after")),
             _cell(row.get("final_loss")),
             _cell(row.get("train_images_per_second")),
