@@ -198,6 +198,9 @@ def test_the_tiny_model_learns(tmp_path, tiny_dir):
         "--max_new_tokens",
         "4",
         "--no-tqdm",
+        "--eval_strategy",
+        "epoch",
+        "--load_best_model_at_end",
     ]
     launch("finetune_hf_trainer_hateful_memes.py", flags)
     before = json.loads((output_dir / "eval_before.json").read_text())["accuracy"]
@@ -206,6 +209,25 @@ def test_the_tiny_model_learns(tmp_path, tiny_dir):
     # AUROC, Hateful Memes' official metric, from the likelihood of "yes" against "no"
     assert json.loads((output_dir / "eval_after.json").read_text())["auroc"] >= 0.9
     check_likelihood_agrees_with_generation(output_dir, tmp_path / "memes")
+    check_the_best_epoch_is_kept(output_dir)
+
+
+def check_the_best_epoch_is_kept(output_dir: Path) -> None:
+    """The accuracy rises over the epochs and peaks before the last one (the learning rate overshoots once
+    warm-up is over): the best epoch's model is the final one, with the best evaluation's accuracy."""
+    metrics = json.loads((output_dir / "metrics.json").read_text())
+    evaluations = metrics["evaluations"]
+    assert [e["epoch"] for e in evaluations] == pytest.approx([1, 2, 3, 4, 5, 6])
+    scores = [e["accuracy"] for e in evaluations]
+    assert scores[-1] > scores[0] and max(scores) >= 0.9, scores
+    best = json.loads((output_dir / "best_checkpoint.json").read_text())
+    assert best["score"] == max(scores) and best["step"] == evaluations[scores.index(max(scores))]["step"]
+    assert best["step"] < evaluations[-1]["step"], f"the accuracy no longer peaks before the end: {scores}"
+    after = json.loads((output_dir / "eval_after.json").read_text())
+    assert after["accuracy"] == best["score"] and after["model_step"] == best["step"]
+    final = load_file(output_dir / "model.safetensors")
+    kept = load_file(output_dir / best["checkpoint"] / "model.safetensors")
+    assert final.keys() == kept.keys() and all(torch.equal(final[name], kept[name]) for name in kept)
 
 
 def check_likelihood_agrees_with_generation(model_dir: Path, data: Path) -> None:

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from phi3v.data.synthetic import write_docvqa
-from phi3v.training.checkpoints import MARKER, incompleteness
+from phi3v.training.checkpoints import BEST_CHECKPOINT, MARKER, incompleteness
 from tests.conftest import REPO
 from tests.recipes.conftest import kill_everything, launch, recipe_command, recipe_env, wait_until
 
@@ -52,13 +52,19 @@ MODES = {  # flags, ranks
 }
 
 
+# Evaluating during training: each evaluation on 3 samples (uneven over 2 ranks), at steps 4, 8, ...; the run is
+# killed after the evaluation and the checkpoint at step 4, and the best model is the final one.
+EVALUATING = ["--eval_steps", "4", "--max_eval_samples", "3", "--save_best", "--load_best_model_at_end"]
+MODES["lora_eval"] = (MODES["lora"][0] + EVALUATING, 2)
+MODES["full_zero2_eval"] = (MODES["full_zero2"][0] + EVALUATING, 2)
+
 KILLED_AFTER = {"lora_grouped": 8}  # the checkpoint after which a mode is killed (default 4, mid first epoch)
 
 
 @pytest.fixture(scope="module")
 def docvqa(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("resume") / "docvqa"
-    write_docvqa(folder, num_train=24, num_test=2, answer_variants=3)
+    write_docvqa(folder, num_train=24, num_test=3, answer_variants=3)
     return folder
 
 
@@ -106,6 +112,16 @@ def assert_same_run(resumed: Path, reference: Path) -> None:
     for name in expected:
         torch.testing.assert_close(weights[name], expected[name], rtol=0, atol=1e-5, msg=name)
     assert (resumed / "eval_after.json").exists()
+    selection = [evaluations(run) for run in (resumed, reference)]
+    assert selection[0] == selection[1]
+
+
+def evaluations(run: Path) -> tuple[list, dict | None, int]:
+    """The evaluations during training (step, score), the best checkpoint and the step of the final model."""
+    metrics = json.loads((run / "metrics.json").read_text())
+    best = run / BEST_CHECKPOINT
+    history = [(e["step"], e["anls"]) for e in metrics.get("evaluations", [])]
+    return history, json.loads(best.read_text()) if best.exists() else None, metrics["model_step"]
 
 
 @pytest.mark.parametrize("mode", list(MODES))
@@ -146,3 +162,18 @@ def test_sigterm_writes_a_checkpoint_and_the_resumed_run_ends_the_same(tiny_dir,
 
     launch(SCRIPT, flags + ["--resume_from_checkpoint", "latest"], ranks=2)
     assert_same_run(output_dir, uninterrupted("lora"))
+
+
+@pytest.mark.parametrize("mode", ["lora", "full_zero2"])
+def test_evaluating_during_training_leaves_training_unchanged(mode, uninterrupted):
+    """The same losses with evaluations as without; on 2 ranks each evaluation answers its 3 samples once each,
+    in dataset order."""
+    plain, evaluating = uninterrupted(mode), uninterrupted(f"{mode}_eval")
+    assert logged_losses(evaluating) == logged_losses(plain)
+    history, best, model_step = evaluations(evaluating)
+    assert [step for step, _ in history] == [4, 8, 12, 16, 20]
+    assert model_step == best["step"] and (evaluating / best["checkpoint"] / MARKER).exists()
+    references = json.loads((evaluating / "eval_before.json").read_text())["answers_unique"]
+    for step, _ in history:
+        answered = json.loads((evaluating / "evaluations" / f"step-{step}.json").read_text())
+        assert answered["num_samples"] == 3 and answered["answers_unique"] == references
