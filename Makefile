@@ -29,5 +29,5 @@ demo: setup
 	$(PYTHON) finetune_hf_trainer_docvqa.py --model_name_or_path $(DEMO)/tiny \
 		--dataset_name_or_path $(DEMO)/docvqa --output_dir $(DEMO)/run --num_crops 1 \
 		--batch_size 8 --batch_size_per_gpu 8 --num_train_epochs 20 --learning_rate 2e-3 \
-		--warmup_steps 10 --logging_steps 50 --eval_steps 100 --seed $(SEED) --overwrite_output_dir
+		--warmup_steps 10 --logging_steps 50 --eval_steps 100 --eval_loss --seed $(SEED) --overwrite_output_dir
 	@$(PYTHON) -c "import json; b, a = (json.load(open('$(DEMO)/run/eval_' + s + '.json'))['anls'] for s in ('before', 'after')); print(f'\nDemo: ANLS before training {b:.3f}, after training {a:.3f} (results in $(DEMO)/run)')"

@@ -126,6 +126,14 @@ class RecipeArguments:
         "(new) evaluate during training on the first K held-out samples (default: all of them); the evaluation "
         "after training always uses all",
     )
+    eval_loss: bool = flag(
+        False, "(new) also the validation loss on the samples evaluated during training, one forward pass each"
+    )
+    metric_for_best_model: str = flag(
+        "",
+        "(new) what --save_best, --load_best_model_at_end and early stopping compare: the recipe's metric (the "
+        "default, higher is better) or loss (lower is better; needs --eval_loss)",
+    )
     save_best: bool = flag(
         False,
         "(new) write a checkpoint whenever an evaluation during training beats the best so far, recorded in "
@@ -189,6 +197,11 @@ class RecipeArguments:
         if needs_evaluations and self.eval_strategy == "no":
             raise ValueError(f"{', '.join(needs_evaluations)} acts on evaluations during training: add --eval_steps N "
                              "or --eval_strategy epoch.")  # fmt: skip
+        if self.metric_for_best_model == "loss" and not self.eval_loss:
+            raise ValueError("--metric_for_best_model loss compares validation losses: add --eval_loss.")
+        if self.eval_loss and self.eval_strategy == "no":
+            raise ValueError("--eval_loss is computed with the evaluations during training: add --eval_steps N or "
+                             "--eval_strategy epoch.")  # fmt: skip
         if self.load_best_model_at_end:
             self.save_best = True
 

@@ -17,9 +17,10 @@ import torch
 from accelerate import PartialState
 from tqdm import tqdm
 
-from .data.collators import EvalCollator, evaluation_loader
+from .data.collators import EvalCollator, TrainCollator, evaluation_loader
 from .distributed import gathered
 from .likelihood import label_log_likelihoods
+from .models.processing import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 
@@ -206,6 +207,30 @@ def evaluate(
     else:
         logger.info("%s = %.4f on %d samples (%s)", metric, score, len(ordered), output_file)
     return score
+
+
+@torch.no_grad()
+def validation_loss(model, dataset, pad_token_id: int) -> float:
+    """The mean cross-entropy per answer token over ``dataset`` (training examples, with labels), as training
+    computes it: one forward pass per sample, each rank its strided shard, summed over all ranks (on every rank)."""
+    state = PartialState()
+    was_training = model.training
+    model.eval()
+    collate = TrainCollator(pad_token_id)
+    device = next(model.parameters()).device
+    totals = []
+    for index in shard_indices(len(dataset), state.process_index, state.num_processes):
+        batch = collate([dataset[index]])
+        inputs = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor) and k != "labels"}
+        logits = model(**inputs).logits[:, :-1].float()
+        labels = batch["labels"][:, 1:].to(device)
+        loss = torch.nn.functional.cross_entropy(
+            logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+        totals.append((loss.item(), (labels != IGNORE_INDEX).sum().item()))
+    model.train(was_training)
+    everything = gathered(totals)
+    return sum(loss for loss, _ in everything) / max(1, sum(tokens for _, tokens in everything))
 
 
 def label_set(dataset) -> list[str]:

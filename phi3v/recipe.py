@@ -29,7 +29,7 @@ from .data.samples import EvaluationSamples, TrainingSamples
 from .data.validation import SKIPPED_SAMPLES
 from .distributed import main_process_first, set_collective_timeout
 from .errors import RecipeError
-from .evaluation import evaluate
+from .evaluation import evaluate, validation_loss
 from .report import MetricsCallback, plot_report, step_records, update_metrics, write_run_args
 from .task import Task, load_sources, validate_task_data
 from .training.checkpoints import check_training_data, prepare_output_dir
@@ -145,7 +145,7 @@ def _run(
         train_set.source.where,
         metrics,
         progress,
-        _evaluation_during_training(args, metric, run_evaluation, eval_set),
+        _evaluation_during_training(args, task, metric, run_evaluation, eval_set),
     )
     if model is None:
         checkpoint = output_dir / f"checkpoint-{stop_request.stopped_at_step}"
@@ -188,15 +188,20 @@ def _checked_datasets(task: Task, args: RecipeArguments, processor, state, resum
 
 
 def _evaluation_during_training(
-    args: RecipeArguments, metric: str, run_evaluation, eval_set: EvaluationSamples
+    args: RecipeArguments, task: Task, metric: str, run_evaluation, eval_set: EvaluationSamples
 ) -> EvaluationDuringTraining | None:
     """The evaluation during training: the one after training, on the first --eval_samples_during_training
-    samples, without its progress bar (the training one is on screen)."""
+    samples, without its progress bar (the training one is on screen); with --eval_loss, the same samples
+    as training examples (prompt and answer) give the validation loss."""
     if not args.evaluates_during_training:
         return None
     samples = eval_set.head(args.eval_samples_during_training or len(eval_set))
     evaluate_samples = partial(run_evaluation, dataset=samples, show_progress=False)
-    return EvaluationDuringTraining(args, metric, evaluate_samples, len(samples))
+    loss = None
+    if args.eval_loss:
+        answered = TrainingSamples(samples.source, samples.rows, task.train_conversation, samples.processor, args.seed)
+        loss = partial(validation_loss, dataset=answered, pad_token_id=samples.processor.tokenizer.pad_token_id)
+    return EvaluationDuringTraining(args, metric, evaluate_samples, len(samples), loss)
 
 
 def _evaluate_before(run_evaluation, model, output_dir: Path, metric: str, resume_from: str | None) -> float | None:

@@ -68,10 +68,17 @@ def step_records(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def evaluation_records(log_history: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
-    """One record per evaluation during training: ``{"step", "epoch", metric, "samples"}``."""
+    """One record per evaluation during training: ``{"step", "epoch", metric, "samples"}``, and "loss" with
+    --eval_loss."""
     key = f"eval_{metric}"
     return [
-        {"step": entry["step"], "epoch": entry.get("epoch"), metric: entry[key], "samples": entry.get("eval_samples")}
+        {
+            "step": entry["step"],
+            "epoch": entry.get("epoch"),
+            metric: entry[key],
+            **({"loss": entry["eval_loss"]} if "eval_loss" in entry else {}),
+            "samples": entry.get("eval_samples"),
+        }
         for entry in log_history
         if key in entry
     ]
@@ -128,7 +135,12 @@ def plot_report(output_dir: Path) -> Path:
     metrics = json.loads((Path(output_dir) / "metrics.json").read_text())
     steps = metrics.get("steps", [])
     figure, (loss_axis, lr_axis, metric_axis) = plt.subplots(1, 3, figsize=(15, 4), width_ratios=[3, 3, 2])
-    loss_axis.plot([s["step"] for s in steps], [s["loss"] for s in steps], color="tab:blue")
+    loss_axis.plot([s["step"] for s in steps], [s["loss"] for s in steps], color="tab:blue", label="training")
+    validation = [e for e in metrics.get("evaluations", []) if "loss" in e]
+    if validation:
+        loss_axis.plot([e["step"] for e in validation], [e["loss"] for e in validation], "o-", color="tab:green",
+                       label="validation")  # fmt: skip
+        loss_axis.legend(loc="upper right", fontsize="small")
     loss_axis.set(title="training loss", xlabel="optimizer step")
     lr_axis.plot([s["step"] for s in steps], [s["learning_rate"] for s in steps], color="tab:orange")
     lr_axis.set(title="learning rate", xlabel="optimizer step")
@@ -187,8 +199,8 @@ def differing_flags(rows: list[dict[str, Any]]) -> list[str]:
 def table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     flags = differing_flags(rows)
     metric = next((row["metric"] for row in rows if row.get("metric")), "metric")
-    selects = any(row.get("best") for row in rows)  # the best-so-far columns, for sweeps that evaluate during training
-    best_columns = [f"best {metric}", "best step"] if selects else []
+    selected = next((row["best"]["metric"] for row in rows if row.get("best")), None)  # runs evaluating in training
+    best_columns = [f"best {selected}", "best step"] if selected else []
     header = ["run", *flags, f"{metric} before", *best_columns, f"{metric} after", "final loss", "images/s",
               "train time (s)"]  # fmt: skip
     ordered = sorted(rows, key=lambda row: (row.get("after") is None, -(row.get("after") or 0.0)))
@@ -198,8 +210,8 @@ def table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
             *[_cell(row["flags"].get(flag)) for flag in flags],
             _cell(row.get("before")),
             *(
-                [_cell((row.get("best") or {}).get(metric)), _cell((row.get("best") or {}).get("step"))]
-                if selects
+                [_cell((row.get("best") or {}).get("score")), _cell((row.get("best") or {}).get("step"))]
+                if selected
                 else []
             ),  # fmt: skip
             _cell(row.get("after")),

@@ -56,16 +56,16 @@ class Standing:
     stale: int = 0  # evaluations since the best one that did not improve on it
 
 
-def improves(score: float, best: float | None, threshold: float) -> bool:
-    """Higher is better, by more than ``threshold`` (the first score always improves)."""
-    return best is None or score - best > threshold
+def improves(score: float, best: float | None, threshold: float, lower_is_better: bool = False) -> bool:
+    """Better by more than ``threshold``: higher, or lower for a loss (the first score always improves)."""
+    return best is None or (best - score if lower_is_better else score - best) > threshold
 
 
-def standing_after(scores: list[tuple[int, float]], threshold: float) -> Standing:
+def standing_after(scores: list[tuple[int, float]], threshold: float, lower_is_better: bool = False) -> Standing:
     """The best (step, score) of ``scores`` (in step order) and how many evaluations followed it."""
     standing = Standing()
     for step, score in scores:
-        if improves(score, standing.best_score, threshold):
+        if improves(score, standing.best_score, threshold, lower_is_better):
             standing = Standing(step, score, 0)
         else:
             standing = Standing(standing.best_step, standing.best_score, standing.stale + 1)
@@ -73,7 +73,8 @@ def standing_after(scores: list[tuple[int, float]], threshold: float) -> Standin
 
 
 def logged_scores(log_history: list[dict[str, Any]], metric: str) -> list[tuple[int, float]]:
-    """(step, score) of every evaluation during training in the Trainer's log history."""
+    """(step, score) of every evaluation during training in the Trainer's log history (``metric``: the
+    recipe's metric, or loss)."""
     key = f"eval_{metric}"
     return [(entry["step"], entry[key]) for entry in log_history if key in entry]
 
@@ -101,6 +102,9 @@ def check_evaluation_during_training(args: RecipeArguments, metric: str) -> None
     if metric == "none":
         raise RecipeError("--metric none writes answers without a score: there is nothing to pick the best model "
                           "by. Pick a --metric, or drop --eval_steps / --eval_strategy.")  # fmt: skip
+    if args.metric_for_best_model not in ("", metric, "loss"):
+        raise RecipeError(f"--metric_for_best_model {args.metric_for_best_model}: this recipe scores {metric}; "
+                          f"give {metric} or loss (with --eval_loss).")  # fmt: skip
     if args.uses_zero3:
         raise RecipeError(
             "Evaluating during training needs every weight on every rank; ZeRO-3 shards them. Train on ZeRO-2 "
@@ -112,10 +116,19 @@ def check_evaluation_during_training(args: RecipeArguments, metric: str) -> None
 class EvaluationDuringTraining(TrainerCallback):
     """Evaluates every --eval_steps optimizer steps or at each epoch's end, logs the score, asks for a
     checkpoint at a new best (--save_best) and stops after --early_stopping_patience evaluations without
-    improvement. ``evaluate(model, output_file)`` scores the model (on rank 0, None elsewhere)."""
+    improvement. ``evaluate(model, output_file)`` scores the model (on rank 0, None elsewhere);
+    ``loss(model)``, with --eval_loss, gives the validation loss (on every rank)."""
 
-    def __init__(self, args: RecipeArguments, metric: str, evaluate: Callable[..., float | None], num_samples: int):
-        self.args, self.metric, self.evaluate, self.num_samples = args, metric, evaluate, num_samples
+    def __init__(
+        self,
+        args: RecipeArguments,
+        metric: str,
+        evaluate: Callable[..., float | None],
+        num_samples: int,
+        loss: Callable[..., float] | None = None,
+    ):
+        self.args, self.metric, self.evaluate, self.num_samples, self.loss = args, metric, evaluate, num_samples, loss
+        self.compared = args.metric_for_best_model or metric  # what picks the best: the metric, or loss
         self.output_dir = Path(args.output_dir)
         self.scores: list[tuple[int, float]] = []
         self.trainer = None  # set by ``attach``: the model, ``log`` and the autocast context come from it
@@ -125,16 +138,16 @@ class EvaluationDuringTraining(TrainerCallback):
 
     @property
     def standing(self) -> Standing:
-        return standing_after(self.scores, self.args.early_stopping_threshold)
+        return standing_after(self.scores, self.args.early_stopping_threshold, self.compared == "loss")
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.scores = logged_scores(state.log_history, self.metric)  # a resumed run's evaluations so far
+        self.scores = logged_scores(state.log_history, self.compared)  # a resumed run's evaluations so far
         if not state.is_world_process_zero:
             return control
         standing = self.standing
         if self.scores:
             logger.info("Resuming with %d evaluations during training; the best %s is %.4f at step %d",
-                        len(self.scores), self.metric, standing.best_score, standing.best_step)  # fmt: skip
+                        len(self.scores), self.compared, standing.best_score, standing.best_step)  # fmt: skip
         if self.args.save_best:
             self._record_best(standing)  # the record may name a later checkpoint, of an abandoned future
         return control
@@ -162,19 +175,24 @@ class EvaluationDuringTraining(TrainerCallback):
             logger.info("Evaluating at step %d on %d held-out samples", step, self.num_samples)
         model = self.trainer.accelerator.unwrap_model(self.trainer.model)
         output_file = self.output_dir / EVALUATIONS / f"step-{step}.json"
+        logs = {}
         with random_state_kept(), self.trainer.autocast_smart_context_manager():
-            score = from_main_process(self.evaluate(model, output_file=output_file))
-        self.scores.append((step, score))
+            logs[f"eval_{self.metric}"] = from_main_process(self.evaluate(model, output_file=output_file))
+            if self.loss is not None:
+                logs["eval_loss"] = self.loss(model)
+        self.scores.append((step, logs[f"eval_{self.compared}"]))
         should_log = control.should_log
-        self.trainer.log({f"eval_{self.metric}": score, "eval_samples": self.num_samples})
+        self.trainer.log({**logs, "eval_samples": self.num_samples})
         control.should_log = should_log  # Trainer.log clears it: the step's own loss line is still due
         standing = self.standing
         if state.is_world_process_zero:
-            update_metrics(self.output_dir, best={"step": standing.best_step, self.metric: standing.best_score})
+            best = {"step": standing.best_step, "metric": self.compared, "score": standing.best_score}
+            update_metrics(self.output_dir, best=best)
         if standing.best_step == step and self.args.save_best:
             control.should_save = True
             if state.is_world_process_zero:
-                logger.info("New best %s %.4f at step %d: writing its checkpoint", self.metric, score, step)
+                logger.info("New best %s %.4f at step %d: writing its checkpoint", self.compared,
+                            standing.best_score, step)  # fmt: skip
         patience = self.args.early_stopping_patience
         if patience is not None and standing.stale >= patience:
             control.should_training_stop = True
@@ -182,7 +200,7 @@ class EvaluationDuringTraining(TrainerCallback):
                 logger.warning(
                     "Early stopping at step %d: %d evaluations without an improvement of more than %g on the best "
                     "%s, %.4f at step %d (--early_stopping_patience %d).",
-                    step, standing.stale, self.args.early_stopping_threshold, self.metric, standing.best_score,
+                    step, standing.stale, self.args.early_stopping_threshold, self.compared, standing.best_score,
                     standing.best_step, patience,
                 )  # fmt: skip
 
@@ -192,7 +210,7 @@ class EvaluationDuringTraining(TrainerCallback):
             return
         record = {
             "step": standing.best_step,
-            "metric": self.metric,
+            "metric": self.compared,
             "score": standing.best_score,
             "checkpoint": f"checkpoint-{standing.best_step}",
         }

@@ -12,14 +12,27 @@ import torch
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from phi3v.args import parse_args
+from phi3v.data.collators import TrainCollator
+from phi3v.data.samples import TrainingSamples
 from phi3v.errors import RecipeError
 from phi3v.exporting import chosen_checkpoint, export
+from phi3v.inference import load_trained
 from phi3v.runs import main as runs_table
+from phi3v.task import load_sources, load_task
 from phi3v.training.checkpoints import BEST_CHECKPOINT
 from tests.recipes.conftest import launch
 
 DOCVQA = "finetune_hf_trainer_docvqa.py"
-EVALUATING = ["--eval_steps", "2", "--save_best", "--load_best_model_at_end", "--report_to", "tensorboard"]
+EVALUATING = [
+    "--eval_steps",
+    "2",
+    "--save_best",
+    "--load_best_model_at_end",
+    "--eval_loss",
+    "--report_to",
+    "tensorboard",
+]
 
 
 def lora_flags(tiny_dir: Path, data: Path, output_dir: Path, *extra: str) -> list[str]:
@@ -44,7 +57,7 @@ def test_the_best_evaluation_during_training_is_the_final_model(data, tiny_dir, 
     best_step = evaluations[scores.index(max(scores))]["step"]  # the first of equal scores
     best = json.loads((run / BEST_CHECKPOINT).read_text())
     assert best == {"step": best_step, "metric": "anls", "score": max(scores), "checkpoint": f"checkpoint-{best_step}"}
-    assert metrics["best"] == {"step": best_step, "anls": max(scores)}
+    assert metrics["best"] == {"step": best_step, "metric": "anls", "score": max(scores)}
     after = json.loads((run / "eval_after.json").read_text())
     assert after["anls"] == max(scores) and after["model_step"] == best_step == metrics["model_step"]
     final, kept = (
@@ -54,6 +67,9 @@ def test_the_best_evaluation_during_training_is_the_final_model(data, tiny_dir, 
     assert final.keys() == kept.keys() and all(torch.equal(final[name], kept[name]) for name in kept)
     answers = json.loads((run / "evaluations" / f"step-{best_step}.json").read_text())
     assert answers["generated_texts_unique"] == after["generated_texts_unique"]  # the same samples, the same model
+
+    best_loss = next(e["loss"] for e in evaluations if e["step"] == best_step)
+    assert best_loss == pytest.approx(validation_loss_of(run, data["docvqa"], tiny_dir), rel=1e-5)
 
     events = EventAccumulator(str(next(run.glob("runs/*")))).Reload()  # --report_to gets each evaluation
     assert [event.step for event in events.Scalars("eval/anls")] == [2, 4, 6, 8]
@@ -75,6 +91,23 @@ def test_the_best_evaluation_during_training_is_the_final_model(data, tiny_dir, 
     assert chosen_checkpoint(run, "latest").name == f"checkpoint-{newest}"
     with pytest.raises(RecipeError, match="no complete checkpoint-5 .*complete checkpoints: "):
         export(run, tmp_path / "five", checkpoint="5")
+
+
+def validation_loss_of(run: Path, data: Path, tiny_dir: Path) -> float:
+    """The loss the HF model computes on the 3 held-out samples as training examples, per answer token."""
+    task = load_task("docvqa")
+    args = parse_args(task.arguments, lora_flags(tiny_dir, data, run))
+    trained = load_trained(run, device="cpu")
+    _, held_out = load_sources(task, args)
+    samples = TrainingSamples(held_out, held_out.indices, task.train_conversation, trained.processor, args.seed)
+    collate = TrainCollator(trained.processor.tokenizer.pad_token_id)
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for index in range(len(samples)):
+            batch = {k: v for k, v in collate([samples[index]]).items() if isinstance(v, torch.Tensor)}
+            count = (batch["labels"][:, 1:] != -100).sum().item()
+            total, tokens = total + trained.model(**batch).loss.item() * count, tokens + count
+    return total / tokens
 
 
 def test_early_stopping_stops_at_the_expected_step(data, tiny_dir, tmp_path):

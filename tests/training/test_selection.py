@@ -50,6 +50,12 @@ def test_a_gain_within_the_threshold_is_no_improvement():
     assert standing_after(scores[:2], threshold=0.05) == Standing(2, 0.50, 1)
 
 
+def test_for_a_loss_lower_is_better():
+    scores = [(2, 1.5), (4, 1.2), (6, 1.3), (8, 1.19)]
+    assert standing_after(scores, threshold=0.0, lower_is_better=True) == Standing(8, 1.19, 0)
+    assert standing_after(scores, threshold=0.05, lower_is_better=True) == Standing(4, 1.2, 2)
+
+
 def test_scores_are_read_back_from_the_trainers_log_history():
     history = [
         {"loss": 2.0, "step": 1},
@@ -123,7 +129,7 @@ def test_it_evaluates_every_eval_steps_and_keeps_the_steps_loss_line_due(tmp_pat
     assert logged_scores(state.log_history, "anls") == [(2, 0.1), (4, 0.2), (6, 0.3)]
     assert all(should_log for _, _, should_log in flags)  # Trainer.log cleared it; the callback put it back
     assert not any(should_save for _, should_save, _ in flags)  # no --save_best
-    assert json.loads((tmp_path / "metrics.json").read_text())["best"] == {"step": 6, "anls": 0.3}
+    assert json.loads((tmp_path / "metrics.json").read_text())["best"] == {"step": 6, "metric": "anls", "score": 0.3}
 
 
 def test_save_best_asks_for_a_checkpoint_at_each_new_best_and_records_it(tmp_path):
@@ -132,6 +138,26 @@ def test_save_best_asks_for_a_checkpoint_at_each_new_best_and_records_it(tmp_pat
     assert [step for step, should_save, _ in flags if should_save] == [2, 4, 10]
     record = json.loads((tmp_path / BEST_CHECKPOINT).read_text())
     assert record == {"step": 10, "metric": "anls", "score": 0.5, "checkpoint": "checkpoint-10"}
+
+
+def test_with_metric_for_best_model_loss_the_lowest_validation_loss_is_the_best(tmp_path):
+    args = recipe_args(tmp_path, "--eval_steps", "2", "--save_best", "--eval_loss", "--metric_for_best_model", "loss")
+    losses = iter([3.0, 2.0, 2.5])
+
+    def evaluate(model, output_file: Path) -> float:
+        return 0.5
+
+    state, control = TrainerState(), TrainerControl()
+    callback = EvaluationDuringTraining(args, "anls", evaluate, num_samples=3, loss=lambda model: next(losses))
+    callback.attach(FakeTrainer(state, control))
+    saved = []
+    for step in (2, 4, 6):
+        state.global_step, control.should_save = step, False
+        callback.on_step_end(args, state, control)
+        saved += [step] if control.should_save else []
+    assert saved == [2, 4] and logged_scores(state.log_history, "anls") == [(2, 0.5), (4, 0.5), (6, 0.5)]
+    assert logged_scores(state.log_history, "loss") == [(2, 3.0), (4, 2.0), (6, 2.5)]
+    assert json.loads((tmp_path / "metrics.json").read_text())["best"] == {"step": 4, "metric": "loss", "score": 2.0}
 
 
 def test_early_stopping_stops_after_patience_evaluations_without_improvement(tmp_path):
@@ -186,6 +212,8 @@ def test_eval_steps_implies_the_steps_strategy_and_load_best_implies_save_best(t
         (["--eval_steps", "0"], "--eval_steps must be at least 1"),
         (["--eval_steps", "10", "--max_steps", "8"], "no evaluation would run"),
         (["--eval_steps", "2", "--early_stopping_threshold", "-1"], "--early_stopping_threshold must be 0 or more"),
+        (["--eval_steps", "2", "--metric_for_best_model", "loss"], "add --eval_loss"),
+        (["--eval_loss"], "--eval_loss is computed with the evaluations during training"),
     ],
 )
 def test_flags_that_cannot_work_are_refused_when_parsed(tmp_path, flags, message, capsys):
@@ -201,6 +229,9 @@ def test_what_evaluation_during_training_cannot_do_is_refused_before_loading(tmp
                                          "--eval_steps", "2"])  # fmt: skip
     with pytest.raises(RecipeError, match="ZeRO-3 shards them"):
         check_evaluation_during_training(zero3, "anls")
+    with pytest.raises(RecipeError, match="this recipe scores anls; give anls or loss"):
+        check_evaluation_during_training(recipe_args(tmp_path, "--eval_steps", "2", "--metric_for_best_model", "f1"),
+                                         "anls")  # fmt: skip
     check_evaluation_during_training(recipe_args(tmp_path, "--eval_steps", "2"), "anls")  # LoRA: fine
 
 
