@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from phi3v.args import CLI_ARGUMENTS, RecipeArguments, load_script
+from phi3v.args import RecipeArguments, load_script
+from phi3v.flag_reference import CLI_ARGUMENTS
 from tests.conftest import REPO
 
 PACKAGE = REPO / "phi3v"
@@ -113,11 +114,11 @@ def test_the_readme_is_a_front_page_over_docs():
 
 def test_docs_flags_md_is_what_the_code_generates():
     generated = subprocess.run(
-        [sys.executable, "-m", "phi3v.args", "--markdown"], cwd=REPO, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "phi3v.flag_reference"], cwd=REPO, capture_output=True, text=True, timeout=300
     )
     assert generated.returncode == 0, generated.stderr
     assert (REPO / "docs" / "flags.md").read_text() == generated.stdout, (
-        "docs/flags.md is out of date: python -m phi3v.args --markdown > docs/flags.md"
+        "docs/flags.md is out of date: python -m phi3v.flag_reference > docs/flags.md"
     )
 
 

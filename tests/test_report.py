@@ -20,6 +20,7 @@ from phi3v.args import RecipeArguments
 from phi3v.report import (
     NOT_COMPARED,
     MetricsCallback,
+    _draw_metric,
     differing_flags,
     find_runs,
     plot_report,
@@ -138,7 +139,22 @@ def test_plot_report_writes_a_png(tmp_path):
     assert path == tmp_path / "training_report.png"
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with Image.open(path) as image:
-        assert image.size == (1400, 400)  # 14 x 4 inches at 100 dpi
+        assert image.size == (1500, 400)  # 15 x 4 inches at 100 dpi
+
+
+def test_the_metric_panel_is_a_curve_from_before_through_the_evaluations_to_after(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    evaluations = [{"step": 2, "anls": 0.3, "loss": 1.2}, {"step": 4, "anls": 0.6, "loss": 0.9}]
+    metrics = {"before": 0.1, "after": 0.6, "model_step": 4, "evaluations": evaluations, "steps": []}
+    figure, axis = plt.subplots()
+    _draw_metric(axis, metrics, "anls")
+    drawn = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in axis.get_lines()}
+    plt.close(figure)
+    assert drawn == {"during training": ([2, 4], [0.3, 0.6]), "before": ([0], [0.1]), "after": ([4], [0.6])}
 
 
 def test_plot_report_of_a_run_without_steps_or_a_final_score(tmp_path):

@@ -92,6 +92,13 @@ def check_evaluations(output_dir: Path, metric: str, references: list[list[str]]
         assert len(report["generated_texts_unique"]) == EVAL_SAMPLES
 
 
+def check_evaluation_during_training(output_dir: Path, metric: str, references: list[list[str]]) -> None:
+    (evaluation,) = json.loads((output_dir / "metrics.json").read_text())["evaluations"]
+    assert evaluation["step"] == 2 and 0.0 <= evaluation[metric] <= 1.0 and 0.0 < evaluation["loss"] < 100
+    report = json.loads((output_dir / "evaluations" / "step-2.json").read_text())
+    assert report["answers_unique"] == references and report[metric] == evaluation[metric]
+
+
 def check_saved_model(output_dir: Path, tiny_dir: Path, mode: str) -> None:
     if mode in ("lora", "qlora"):
         adapters = load_file(output_dir / "adapter_model.safetensors")
@@ -117,8 +124,10 @@ def test_recipe(task, mode, data, tiny_dir, tmp_path):
     script, metric = SCRIPTS[task]
     flags, ranks = MODES[mode]
     output_dir = tmp_path / "out"
-    launch(script, common_flags(tiny_dir, output_dir) + task_flags(task, data) + flags, ranks=ranks)
+    evaluating = ["--eval_steps", "2", "--eval_loss"]  # once during training too, at the last step
+    launch(script, common_flags(tiny_dir, output_dir) + task_flags(task, data) + flags + evaluating, ranks=ranks)
     check_evaluations(output_dir, metric, expected_references(task, data))
+    check_evaluation_during_training(output_dir, metric, expected_references(task, data))
     check_saved_model(output_dir, tiny_dir, mode)
     assert (output_dir / "processor_config.json").exists() and (output_dir / "tokenizer.json").exists()
 
