@@ -2,7 +2,9 @@
 
 Each rank takes every world_size-th sample (strided, as the original's shards), generates with left
 padding, and all ranks' results are gathered and put back in dataset order; a check makes sure every
-sample was answered exactly once, whatever the sample count and world size.
+sample was answered exactly once, whatever the sample count and world size. While ZeRO-3 trains, the
+weights are sharded and every forward pass needs every rank: each rank then answers every sample in
+lockstep (``generate`` syncs the ranks under ZeRO-3).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import Levenshtein
 import torch
 from accelerate import PartialState
 from tqdm import tqdm
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
 from .data.collators import EvalCollator, TrainCollator, evaluation_loader
 from .distributed import gathered
@@ -102,6 +105,26 @@ def shard_indices(num_samples: int, rank: int, world_size: int) -> list[int]:
     return list(range(rank, num_samples, world_size))
 
 
+def in_lockstep() -> bool:
+    """Whether the model's weights are sharded over the ranks (ZeRO-3 while training): every forward pass
+    then needs every rank, so each rank runs every sample, in the same batches, and keeps its own results
+    (the same on every rank) instead of a shard gathered from the others."""
+    return is_deepspeed_zero3_enabled() and PartialState().num_processes > 1
+
+
+def my_samples(num_samples: int) -> list[int]:
+    state = PartialState()
+    return (
+        list(range(num_samples))
+        if in_lockstep()
+        else shard_indices(num_samples, state.process_index, state.num_processes)
+    )
+
+
+def from_every_rank(results: list) -> list:
+    return results if in_lockstep() else gathered(results)
+
+
 def restore_order(results: list[dict], num_samples: int) -> list[dict]:
     """Sort gathered results by dataset index and check that each sample appears exactly once."""
     ordered = sorted(results, key=lambda r: r["index"])
@@ -172,7 +195,7 @@ def evaluate(
     state = PartialState()
     was_training = model.training
     model.eval()
-    indices = shard_indices(len(dataset), state.process_index, state.num_processes)
+    indices = my_samples(len(dataset))
     show_progress = show_progress and state.is_main_process
     labels = label_set(dataset) if mode == "likelihood" or positive_label else []
     results = []
@@ -186,7 +209,7 @@ def evaluate(
         )
         results = _with_scores(results, scored, labels)
     model.train(was_training)
-    ordered = restore_order(gathered(results), len(dataset))
+    ordered = restore_order(from_every_rank(results), len(dataset))
     if not state.is_main_process:
         return None
     predictions = [r["generated_text"] for r in ordered]
@@ -213,13 +236,12 @@ def evaluate(
 def validation_loss(model, dataset, pad_token_id: int) -> float:
     """The mean cross-entropy per answer token over ``dataset`` (training examples, with labels), as training
     computes it: one forward pass per sample, each rank its strided shard, summed over all ranks (on every rank)."""
-    state = PartialState()
     was_training = model.training
     model.eval()
     collate = TrainCollator(pad_token_id)
     device = next(model.parameters()).device
     totals = []
-    for index in shard_indices(len(dataset), state.process_index, state.num_processes):
+    for index in my_samples(len(dataset)):
         batch = collate([dataset[index]])
         inputs = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor) and k != "labels"}
         logits = model(**inputs).logits[:, :-1].float()
@@ -229,7 +251,7 @@ def validation_loss(model, dataset, pad_token_id: int) -> float:
         )
         totals.append((loss.item(), (labels != IGNORE_INDEX).sum().item()))
     model.train(was_training)
-    everything = gathered(totals)
+    everything = from_every_rank(totals)
     return sum(loss for loss, _ in everything) / max(1, sum(tokens for _, tokens in everything))
 
 

@@ -105,12 +105,6 @@ def check_evaluation_during_training(args: RecipeArguments, metric: str) -> None
     if args.metric_for_best_model not in ("", metric, "loss"):
         raise RecipeError(f"--metric_for_best_model {args.metric_for_best_model}: this recipe scores {metric}; "
                           f"give {metric} or loss (with --eval_loss).")  # fmt: skip
-    if args.uses_zero3:
-        raise RecipeError(
-            "Evaluating during training needs every weight on every rank; ZeRO-3 shards them. Train on ZeRO-2 "
-            "(--deepspeed ds_configs/zero2.json, the default), or drop --eval_steps / --eval_strategy (the "
-            "evaluation after training still runs)."
-        )
 
 
 class EvaluationDuringTraining(TrainerCallback):

@@ -291,9 +291,14 @@ def test_bad_batch_size_fails_before_loading(tiny_dir, data, tmp_path):
 
 
 def test_full_finetune_on_zero3(data, tiny_dir, tmp_path):
-    """ZeRO-3 shards the weights: the saved model is consolidated and reloaded for the second evaluation."""
+    """ZeRO-3 shards the weights: the evaluation during training runs every sample on both ranks in lockstep,
+    and the saved model (the best checkpoint's) is consolidated and reloaded for the second evaluation."""
     output_dir = tmp_path / "out"
-    flags = common_flags(tiny_dir, output_dir) + task_flags("nlvr2", data) + ["--deepspeed", "ds_configs/zero3.json"]
-    launch("finetune_hf_trainer_nlvr2.py", flags, ranks=2)
+    zero3 = ["--deepspeed", "ds_configs/zero3.json", "--eval_steps", "2", "--eval_loss", "--load_best_model_at_end"]
+    launch(
+        "finetune_hf_trainer_nlvr2.py", common_flags(tiny_dir, output_dir) + task_flags("nlvr2", data) + zero3, ranks=2
+    )
     check_evaluations(output_dir, "accuracy", expected_references("nlvr2", data))
+    check_evaluation_during_training(output_dir, "accuracy", expected_references("nlvr2", data))
+    assert json.loads((output_dir / "eval_after.json").read_text())["model_step"] == 2
     check_saved_model(output_dir, tiny_dir, "full_zero3")
