@@ -68,15 +68,15 @@ def step_records(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def evaluation_records(log_history: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
-    """One record per evaluation during training: ``{"step", "epoch", metric, "samples"}``, and "loss" with
-    --eval_loss."""
+    """One record per evaluation during training: ``{"step", "epoch", metric, "samples"}``, with "loss"
+    (--eval_loss) and "auroc" (Hateful Memes) when they were logged."""
     key = f"eval_{metric}"
     return [
         {
             "step": entry["step"],
             "epoch": entry.get("epoch"),
             metric: entry[key],
-            **({"loss": entry["eval_loss"]} if "eval_loss" in entry else {}),
+            **{name: entry[f"eval_{name}"] for name in ("loss", "auroc") if f"eval_{name}" in entry},
             "samples": entry.get("eval_samples"),
         }
         for entry in log_history

@@ -169,9 +169,9 @@ class EvaluationDuringTraining(TrainerCallback):
             logger.info("Evaluating at step %d on %d held-out samples", step, self.num_samples)
         model = self.trainer.accelerator.unwrap_model(self.trainer.model)
         output_file = self.output_dir / EVALUATIONS / f"step-{step}.json"
-        logs = {}
         with random_state_kept(), self.trainer.autocast_smart_context_manager():
-            logs[f"eval_{self.metric}"] = from_main_process(self.evaluate(model, output_file=output_file))
+            score = self.evaluate(model, output_file=output_file)
+            logs = from_main_process(_scores(score, output_file, self.metric) if state.is_world_process_zero else None)
             if self.loss is not None:
                 logs["eval_loss"] = self.loss(model)
         self.scores.append((step, logs[f"eval_{self.compared}"]))
@@ -211,6 +211,12 @@ class EvaluationDuringTraining(TrainerCallback):
         partial = self.output_dir / f"{BEST_CHECKPOINT}.partial"
         partial.write_text(json.dumps(record, indent=2) + "\n")
         partial.replace(self.output_dir / BEST_CHECKPOINT)
+
+
+def _scores(score: float, output_file: Path, metric: str) -> dict[str, float]:
+    """The metric, and Hateful Memes' AUROC when the evaluation reported one."""
+    auroc = json.loads(output_file.read_text()).get("auroc")
+    return {f"eval_{metric}": score, **({"eval_auroc": auroc} if auroc is not None else {})}
 
 
 def use_best_checkpoint(output_dir: str | Path) -> dict[str, Any] | None:

@@ -232,6 +232,7 @@ def check_the_best_epoch_is_kept(output_dir: Path) -> None:
     best = json.loads((output_dir / "best_checkpoint.json").read_text())
     assert best["score"] == max(scores) and best["step"] == evaluations[scores.index(max(scores))]["step"]
     assert best["step"] < evaluations[-1]["step"], f"the accuracy no longer peaks before the end: {scores}"
+    assert all(0.0 <= e["auroc"] <= 1.0 for e in evaluations)  # Hateful Memes' official metric, beside it
     after = json.loads((output_dir / "eval_after.json").read_text())
     assert after["accuracy"] == best["score"] and after["model_step"] == best["step"]
     final = load_file(output_dir / "model.safetensors")

@@ -103,6 +103,8 @@ def run_steps(args: RecipeArguments, scores: dict[int, float], steps: int, state
 
     def evaluate(model, output_file: Path) -> float:
         evaluated.append(int(output_file.stem.split("-")[1]))
+        output_file.parent.mkdir(exist_ok=True)
+        output_file.write_text(json.dumps({"anls": scores[evaluated[-1]]}))  # as evaluate() reports it
         return scores[evaluated[-1]]
 
     state = state or TrainerState()
@@ -145,6 +147,8 @@ def test_with_metric_for_best_model_loss_the_lowest_validation_loss_is_the_best(
     losses = iter([3.0, 2.0, 2.5])
 
     def evaluate(model, output_file: Path) -> float:
+        output_file.parent.mkdir(exist_ok=True)
+        output_file.write_text(json.dumps({"anls": 0.5, "auroc": 0.75}))
         return 0.5
 
     state, control = TrainerState(), TrainerControl()
@@ -157,6 +161,7 @@ def test_with_metric_for_best_model_loss_the_lowest_validation_loss_is_the_best(
         saved += [step] if control.should_save else []
     assert saved == [2, 4] and logged_scores(state.log_history, "anls") == [(2, 0.5), (4, 0.5), (6, 0.5)]
     assert logged_scores(state.log_history, "loss") == [(2, 3.0), (4, 2.0), (6, 2.5)]
+    assert logged_scores(state.log_history, "auroc") == [(2, 0.75), (4, 0.75), (6, 0.75)]  # reported: logged too
     assert json.loads((tmp_path / "metrics.json").read_text())["best"] == {"step": 4, "metric": "loss", "score": 2.0}
 
 
@@ -182,7 +187,14 @@ def test_a_resumed_run_continues_with_the_evaluations_in_its_checkpoints_history
 def test_epoch_evaluation_runs_at_an_epochs_end_not_at_a_stop_in_its_middle(tmp_path):
     args = recipe_args(tmp_path, "--eval_strategy", "epoch")
     evaluated = []
-    callback = EvaluationDuringTraining(args, "anls", lambda model, output_file: evaluated.append(1) or 0.5, 3)
+
+    def evaluate(model, output_file: Path) -> float:
+        evaluated.append(1)
+        output_file.parent.mkdir(exist_ok=True)
+        output_file.write_text(json.dumps({"anls": 0.5}))
+        return 0.5
+
+    callback = EvaluationDuringTraining(args, "anls", evaluate, 3)
     state, control = TrainerState(global_step=6, epoch=1.0), TrainerControl()
     callback.attach(FakeTrainer(state, control))
     callback.on_step_end(args, state, control)
