@@ -178,7 +178,11 @@ class EvaluationDuringTraining(TrainerCallback):
         should_log = control.should_log
         self.trainer.log({**logs, "eval_samples": self.num_samples})
         control.should_log = should_log  # Trainer.log clears it: the step's own loss line is still due
-        standing = self.standing
+        self._act_on(self.standing, state, control)
+
+    def _act_on(self, standing: Standing, state, control) -> None:
+        """Record the best so far; ask for its checkpoint when it is new (--save_best); stop when patience is out."""
+        step = state.global_step
         if state.is_world_process_zero:
             best = {"step": standing.best_step, "metric": self.compared, "score": standing.best_score}
             update_metrics(self.output_dir, best=best)
