@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,9 @@ CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 RANK_FILE = re.compile(r"(?:^|[/_])(?:rng_state|zero_pp_rank)_(\d+)[._]")
 BEST_CHECKPOINT = "best_checkpoint.json"  # the checkpoint of the best evaluation during training (--save_best)
 EVALUATIONS = "evaluations"  # the answers of each evaluation during training, step-N.json
-RUN_OUTPUTS = ("eval_before.json", "eval_after.json", SKIPPED_SAMPLES, BEST_CHECKPOINT)
+RUN_OUTPUTS = ("eval_before.json", "eval_after.json", SKIPPED_SAMPLES)
+# What a run reports of itself: a fresh start in a folder where an earlier run died must not merge into it.
+EARLIER_REPORTS = ("metrics.json", "training_report.png", BEST_CHECKPOINT)
 HASH_CHUNK = 64 * 1024**2
 
 
@@ -153,15 +156,18 @@ def incompleteness(checkpoint: Path) -> str | None:
     return None
 
 
-def corruption(checkpoint: Path, rank: int = 0, world_size: int = 1) -> str | None:
-    """The first file of those ``rank`` verifies whose content no longer has its recorded checksum, or None."""
+def corruption(
+    checkpoint: Path, rank: int = 0, world_size: int = 1, names: Callable[[str], bool] | None = None
+) -> str | None:
+    """The first file of those ``rank`` verifies (and ``names`` accepts) whose content no longer has its recorded
+    checksum, or None."""
     try:
         files = read_marker(checkpoint)["files"]
     except (OSError, ValueError) as error:
         return f"unreadable completion marker ({error})"
     for name, entry in files.items():
         expected = entry.get(CHECKSUM)
-        if expected is None or file_owner(name, world_size) != rank:
+        if expected is None or file_owner(name, world_size) != rank or (names is not None and not names(name)):
             continue
         try:
             matches = file_checksum(checkpoint / name) == expected
@@ -244,8 +250,16 @@ def prepare_output_dir(args: RecipeArguments) -> str | None:
     outcome = decided_on_main(partial(_decide, args))
     if isinstance(outcome, list):
         outcome = _verified_resume_point(outcome, Path(args.output_dir), args.resume_from_checkpoint != "latest")
+    if outcome is None and PartialState().is_main_process:
+        _forget_earlier_reports(Path(args.output_dir))
     barrier()  # the main process may have removed old checkpoints
     return outcome
+
+
+def _forget_earlier_reports(output_dir: Path) -> None:
+    for name in EARLIER_REPORTS:
+        (output_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(output_dir / EVALUATIONS, ignore_errors=True)
 
 
 def _decide(args: RecipeArguments) -> list[str] | None:
@@ -275,7 +289,6 @@ def _decide(args: RecipeArguments) -> list[str] | None:
             shutil.rmtree(folder)
         for name in RUN_OUTPUTS:
             (output_dir / name).unlink(missing_ok=True)
-        shutil.rmtree(output_dir / EVALUATIONS, ignore_errors=True)
         if checkpoints or finished:
             logger.warning(
                 "--overwrite_output_dir: removed the earlier run's checkpoints and results in %s", output_dir

@@ -13,6 +13,7 @@ back after each evaluation, so a run that evaluates takes the same training step
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import json
 import logging
 import random
@@ -31,6 +32,7 @@ from ..distributed import barrier, decided_on_main, from_main_process
 from ..errors import RecipeError
 from ..report import update_metrics
 from .checkpoints import BEST_CHECKPOINT, EVALUATIONS, best_checkpoint, corruption, incompleteness
+from .preemption import StopRequest
 
 logger = logging.getLogger(__name__)
 
@@ -126,9 +128,10 @@ class EvaluationDuringTraining(TrainerCallback):
         self.output_dir = Path(args.output_dir)
         self.scores: list[tuple[int, float]] = []
         self.trainer = None  # set by ``attach``: the model, ``log`` and the autocast context come from it
+        self.stop_request: StopRequest | None = None
 
-    def attach(self, trainer) -> None:
-        self.trainer = trainer
+    def attach(self, trainer, stop_request: StopRequest | None = None) -> None:
+        self.trainer, self.stop_request = trainer, stop_request
 
     @property
     def standing(self) -> Standing:
@@ -136,26 +139,32 @@ class EvaluationDuringTraining(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.scores = logged_scores(state.log_history, self.compared)  # a resumed run's evaluations so far
-        if not state.is_world_process_zero:
-            return control
-        standing = self.standing
-        if self.scores:
+        if self.scores and state.is_world_process_zero:
+            standing = self.standing
             logger.info("Resuming with %d evaluations during training; the best %s is %.4f at step %d",
                         len(self.scores), self.compared, standing.best_score, standing.best_step)  # fmt: skip
-        if self.args.save_best:
-            self._record_best(standing)  # the record may name a later checkpoint, of an abandoned future
+            update_metrics(self.output_dir, best=self._best(standing))
+        if self._due(state) and state.global_step not in dict(self.scores):
+            self._evaluate(state, control)  # the evaluation a stop signal skipped at the checkpoint resumed from
+        if self.args.save_best and state.is_world_process_zero:
+            self._record_best(self.standing)  # the record may name a later checkpoint, of an abandoned future
         return control
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.args.eval_strategy == "steps" and state.global_step % self.args.eval_steps == 0:
+        stopping = self.stop_request is not None and self.stop_request.stopped_at_step == state.global_step
+        if self._due(state) and not stopping:  # a stop signal: the checkpoint first, this evaluation on resume
             self._evaluate(state, control)
         return control
 
-    def on_epoch_end(self, args, state, control, **kwargs):
-        epoch_done = state.epoch is not None and abs(state.epoch - round(state.epoch)) < 1e-6  # not a stop mid-epoch
-        if self.args.eval_strategy == "epoch" and epoch_done and state.global_step not in dict(self.scores):
-            self._evaluate(state, control)
-        return control
+    def _due(self, state) -> bool:
+        """Every --eval_steps steps or at each epoch's end, and at the last step (as the HF Trainer)."""
+        if state.global_step == 0:
+            return False
+        if self.args.eval_strategy == "steps":
+            periodic = state.global_step % self.args.eval_steps == 0
+        else:  # "epoch": state.epoch is whole at an epoch's last optimizer step, fractional elsewhere
+            periodic = state.epoch is not None and abs(state.epoch - round(state.epoch)) < 1e-6
+        return periodic or state.global_step >= state.max_steps
 
     def on_save(self, args, state, control, **kwargs):
         standing = self.standing
@@ -184,8 +193,7 @@ class EvaluationDuringTraining(TrainerCallback):
         """Record the best so far; ask for its checkpoint when it is new (--save_best); stop when patience is out."""
         step = state.global_step
         if state.is_world_process_zero:
-            best = {"step": standing.best_step, "metric": self.compared, "score": standing.best_score}
-            update_metrics(self.output_dir, best=best)
+            update_metrics(self.output_dir, best=self._best(standing))
         if standing.best_step == step and self.args.save_best:
             control.should_save = True
             if state.is_world_process_zero:
@@ -202,8 +210,16 @@ class EvaluationDuringTraining(TrainerCallback):
                     standing.best_step, patience,
                 )  # fmt: skip
 
+    def _best(self, standing: Standing) -> dict[str, Any]:
+        return {"step": standing.best_step, "metric": self.compared, "score": standing.best_score}
+
     def _record_best(self, standing: Standing) -> None:
-        if standing.best_step is None:
+        folder = self.output_dir / f"checkpoint-{standing.best_step}"
+        if standing.best_step is not None and not folder.is_dir():
+            logger.warning("--save_best: the best evaluation so far (%s %.4f at step %d) has no checkpoint (it was "
+                           "removed, or written without --save_best): a later evaluation must beat it to be kept.",
+                           self.compared, standing.best_score, standing.best_step)  # fmt: skip
+        if standing.best_step is None or not folder.is_dir():
             (self.output_dir / BEST_CHECKPOINT).unlink(missing_ok=True)
             return
         record = {
@@ -215,6 +231,10 @@ class EvaluationDuringTraining(TrainerCallback):
         partial = self.output_dir / f"{BEST_CHECKPOINT}.partial"
         partial.write_text(json.dumps(record, indent=2) + "\n")
         partial.replace(self.output_dir / BEST_CHECKPOINT)
+
+
+def is_model_file(name: str) -> bool:
+    return any(fnmatch.fnmatch(name, pattern) for pattern in MODEL_FILES)
 
 
 def _scores(score: float, output_file: Path, metric: str) -> dict[str, float]:
@@ -239,10 +259,15 @@ def _copy_best_model(output_dir: Path) -> dict[str, Any] | None:
                        "%s is the last step's.", BEST_CHECKPOINT, output_dir)  # fmt: skip
         return None
     folder = output_dir / record["checkpoint"]
-    problem = (incompleteness(folder) or corruption(folder)) if folder.is_dir() else "no such folder"
+    problem = (
+        (incompleteness(folder) or corruption(folder, names=is_model_file)) if folder.is_dir() else "no such folder"
+    )
     if problem is not None:
-        raise RecipeError(f"--load_best_model_at_end: the best checkpoint {folder} cannot be used ({problem}); the "
-                          f"final model in {output_dir} is the last step's.")  # fmt: skip
+        raise RecipeError(
+            f"--load_best_model_at_end: the best checkpoint {folder} cannot be used ({problem}). The last step's "
+            f"model is in {output_dir}, not evaluated; export another checkpoint with python -m phi3v.export "
+            f"--model {output_dir} --checkpoint STEP."
+        )
     for pattern in MODEL_FILES:
         for stale in output_dir.glob(pattern):
             stale.unlink()

@@ -209,8 +209,9 @@ def train_and_save(
         loss_guard,
         unreadable,
         GradientWatch(model),
-        *([selection] if selection is not None else []),  # after CheckpointCallback: a best is recorded once complete
         PreemptionCallback(stop_request),
+        # after CheckpointCallback (a best is recorded once complete) and PreemptionCallback (a stop comes first)
+        *([selection] if selection is not None else []),
         metrics,
         progress,  # last: it sees whether the callbacks before it asked for a checkpoint
     ]
@@ -225,7 +226,7 @@ def train_and_save(
         group_by_length=args.group_by_length,
     )
     if selection is not None:
-        selection.attach(trainer)
+        selection.attach(trainer, stop_request)
     state = PartialState()
     if state.is_main_process:
         processor.save_pretrained(args.output_dir)

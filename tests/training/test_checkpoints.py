@@ -181,10 +181,32 @@ def test_checkpoints_of_an_unfinished_run_are_not_mixed_with_a_new_one(tmp_path)
 
 def test_overwrite_output_dir_starts_over(tmp_path):
     write_checkpoint(tmp_path, 4)
+    write_reports(tmp_path)
     (tmp_path / "eval_after.json").write_text("{}")
     (tmp_path / "notes.txt").write_text("mine")
     assert prepare_output_dir(args_for(tmp_path, "--overwrite_output_dir")) is None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]  # only the run's own files went
+
+
+def write_reports(output_dir: Path) -> None:
+    (output_dir / "metrics.json").write_text(json.dumps({"best": {"step": 4}, "evaluations": [{"step": 4}]}))
+    (output_dir / "best_checkpoint.json").write_text("{}")
+    (output_dir / "evaluations").mkdir()
+    (output_dir / "evaluations" / "step-4.json").write_text("{}")
+
+
+def test_a_fresh_start_forgets_the_reports_of_a_run_that_died_there(tmp_path):
+    """No checkpoint was written, so the folder is not refused: its old metrics must not merge into the new run's."""
+    write_reports(tmp_path)
+    assert prepare_output_dir(args_for(tmp_path)) is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_resumed_run_keeps_its_reports(tmp_path):
+    write_checkpoint(tmp_path, 4)
+    write_reports(tmp_path)
+    assert prepare_output_dir(args_for(tmp_path, "--resume_from_checkpoint", "latest")) is not None
+    assert {"metrics.json", "best_checkpoint.json", "evaluations"} <= {p.name for p in tmp_path.iterdir()}
 
 
 def test_resume_latest_drops_the_abandoned_future(tmp_path):

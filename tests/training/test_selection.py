@@ -96,7 +96,9 @@ class FakeTrainer:
         return contextlib.nullcontext()
 
 
-def run_steps(args: RecipeArguments, scores: dict[int, float], steps: int, state: TrainerState | None = None):
+def run_steps(
+    args: RecipeArguments, scores: dict[int, float], steps: int, state: TrainerState | None = None, max_steps: int = 0
+):
     """Drive the callback through ``steps`` optimizer steps as the Trainer does; ``scores`` gives the metric
     at each step. Returns (state, control, callback, [(step, should_save, should_log)], steps evaluated)."""
     evaluated = []
@@ -108,6 +110,7 @@ def run_steps(args: RecipeArguments, scores: dict[int, float], steps: int, state
         return scores[evaluated[-1]]
 
     state = state or TrainerState()
+    state.max_steps = max_steps or steps  # the last step is evaluated too
     control = TrainerControl()
     callback = EvaluationDuringTraining(args, "anls", evaluate, num_samples=3)
     callback.attach(FakeTrainer(state, control))
@@ -120,6 +123,7 @@ def run_steps(args: RecipeArguments, scores: dict[int, float], steps: int, state
         callback.on_step_end(args, state, control)
         flags.append((state.global_step, control.should_save, control.should_log))
         if control.should_save:
+            (Path(args.output_dir) / f"checkpoint-{state.global_step}").mkdir()  # what the Trainer writes
             callback.on_save(args, state, control)
     return state, control, callback, flags, evaluated
 
@@ -177,6 +181,7 @@ def test_a_resumed_run_continues_with_the_evaluations_in_its_checkpoints_history
     args = recipe_args(tmp_path, "--eval_steps", "2", "--early_stopping_patience", "2", "--save_best")
     scores = {2: 0.3, 4: 0.5, 6: 0.4, 8: 0.1, 10: 0.9}
     (tmp_path / BEST_CHECKPOINT).write_text(json.dumps({"step": 10, "checkpoint": "checkpoint-10"}))
+    (tmp_path / "checkpoint-4").mkdir()
     resumed = TrainerState(global_step=6, log_history=[{"eval_anls": 0.3, "step": 2}, {"eval_anls": 0.5, "step": 4},
                                                         {"eval_anls": 0.4, "step": 6}])  # fmt: skip
     state, control, callback, _, evaluated = run_steps(args, scores, steps=20, state=resumed)
@@ -184,24 +189,50 @@ def test_a_resumed_run_continues_with_the_evaluations_in_its_checkpoints_history
     assert json.loads((tmp_path / BEST_CHECKPOINT).read_text())["step"] == 4
 
 
-def test_epoch_evaluation_runs_at_an_epochs_end_not_at_a_stop_in_its_middle(tmp_path):
+def test_epoch_evaluation_runs_at_each_epochs_end_and_at_the_last_step(tmp_path):
+    """state.epoch is whole at an epoch's last optimizer step; --max_steps may end training mid-epoch."""
     args = recipe_args(tmp_path, "--eval_strategy", "epoch")
     evaluated = []
 
     def evaluate(model, output_file: Path) -> float:
-        evaluated.append(1)
+        evaluated.append(int(output_file.stem.split("-")[1]))
         output_file.parent.mkdir(exist_ok=True)
         output_file.write_text(json.dumps({"anls": 0.5}))
         return 0.5
 
+    state, control = TrainerState(max_steps=10), TrainerControl()
     callback = EvaluationDuringTraining(args, "anls", evaluate, 3)
-    state, control = TrainerState(global_step=6, epoch=1.0), TrainerControl()
     callback.attach(FakeTrainer(state, control))
+    for step in range(1, 11):
+        state.global_step, state.epoch = step, step / 4  # 4 steps an epoch
+        callback.on_step_end(args, state, control)
+    assert evaluated == [4, 8, 10]
+
+
+def test_a_stop_signal_saves_first_and_the_resumed_run_evaluates_that_step(tmp_path):
+    """The checkpoint of a stop is not delayed by an evaluation; the resumed run makes it up before training."""
+    args = recipe_args(tmp_path, "--eval_steps", "2", "--save_best")
+    stop = SimpleNamespace(stopped_at_step=None)
+    scores = {2: 0.1, 4: 0.5, 6: 0.2}
+    state, control, callback, _, evaluated = run_steps(args, scores, steps=3, max_steps=6)
+    callback.stop_request = stop
+    state.global_step, stop.stopped_at_step = 4, 4  # SIGTERM during step 4
     callback.on_step_end(args, state, control)
-    callback.on_epoch_end(args, state, control)
-    state.global_step, state.epoch = 8, 1.5  # stopped mid-epoch (a signal, --max_steps)
-    callback.on_epoch_end(args, state, control)
-    assert len(evaluated) == 1 and logged_scores(state.log_history, "anls") == [(6, 0.5)]
+    assert evaluated == [2]
+    (tmp_path / "checkpoint-4").mkdir()  # written for the stop
+
+    resumed = TrainerState(global_step=4, max_steps=6, log_history=list(state.log_history))
+    _, _, _, _, evaluated_after = run_steps(args, scores, steps=6, state=resumed)
+    assert evaluated_after == [4, 6]  # step 4 at the start, then as usual
+    assert json.loads((tmp_path / BEST_CHECKPOINT).read_text())["step"] == 4
+
+
+def test_a_best_without_its_checkpoint_is_not_recorded(tmp_path, caplog):
+    """Resuming with --save_best a run that saved no bests: the record never names a missing folder."""
+    args = recipe_args(tmp_path, "--eval_steps", "2", "--save_best")
+    resumed = TrainerState(global_step=4, log_history=[{"eval_anls": 0.5, "step": 2}, {"eval_anls": 0.3, "step": 4}])
+    run_steps(args, {6: 0.4}, steps=6, state=resumed)
+    assert not (tmp_path / BEST_CHECKPOINT).exists() and "has no checkpoint" in caplog.text
 
 
 # --- the flags ----------------------------------------------------------------------------------------------
