@@ -296,6 +296,14 @@ class ExportArguments:
         None,
         "export a checkpoint of the run instead of its final model: best (best_checkpoint.json), latest, or a step",
     )
+    num_crops: int | None = flag(
+        None, "crops per image the exported processor config sets, which servers such as vLLM use (default: the run's)"
+    )
+
+    def __post_init__(self) -> None:
+        if self.num_crops is not None and not 1 <= self.num_crops <= 16:
+            raise ValueError(f"--num_crops must be between 1 and 16, got {self.num_crops}.")
+
     overwrite: bool = flag(False, "replace --out when it already holds files")
 
 

@@ -12,13 +12,16 @@ from pathlib import Path
 
 import torch
 import transformers
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError
 from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 
+from .args import OFFICIAL_MODEL
 from .data.conversation import Conversation, Turn
 from .data.samples import encode_conversation
 from .errors import RecipeError
-from .hub import require_folder
+from .hub import HUB_ID, require_folder
 from .inference import Trained, load_trained, run_base_model
 from .models.processing import Phi3VProcessor
 from .training.checkpoints import BEST_CHECKPOINT, best_checkpoint, checkpoint_folders, corruption, incompleteness
@@ -36,6 +39,7 @@ OFFICIAL_PROCESSOR_AUTO_MAP = {
     "AutoImageProcessor": "processing_phi3_v.Phi3VImageProcessor",
     "AutoProcessor": "processing_phi3_v.Phi3VProcessor",
 }
+REMOTE_CODE = ("configuration_phi3_v.py", "modeling_phi3_v.py", "processing_phi3_v.py")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
 LEFTOVERS = re.compile(r"lora_|base_layer|modules_to_save|absmax|quant_map|quant_state|nested_")
 
@@ -47,9 +51,11 @@ def export(
     dtype: str = "bfloat16",
     overwrite: bool = False,
     checkpoint: str | None = None,
+    num_crops: int | None = None,
 ) -> float:
-    """Write the standalone folder (of the run's final model, or of ``checkpoint``: best, latest or a step);
-    returns the largest logit difference between it and the run."""
+    """Write the standalone folder (of the run's final model, or of ``checkpoint``: best, latest or a step),
+    its processor config with ``num_crops`` (default: the run's); returns the largest logit difference between
+    it and the run."""
     model_dir, out = Path(model_dir), Path(out).resolve()  # resolved: "." has no name to put a temporary folder beside
     require_folder(model_dir, "--model")
     weights = chosen_checkpoint(model_dir, checkpoint) if checkpoint is not None else None
@@ -59,7 +65,7 @@ def export(
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir()
     try:
-        difference = _export(model_dir, partial, out, base, dtype, weights)
+        difference = _export(model_dir, partial, out, base, dtype, weights, num_crops)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
@@ -110,10 +116,16 @@ def check_destination(out: Path, protected: list[Path], overwrite: bool) -> None
 
 
 def _export(
-    model_dir: Path, partial: Path, out: Path, base: str | None, dtype: str, weights_folder: Path | None
+    model_dir: Path,
+    partial: Path,
+    out: Path,
+    base: str | None,
+    dtype: str,
+    weights_folder: Path | None,
+    num_crops: int | None,
 ) -> float:
     """Export into ``partial``, then rename it to ``out`` (replacing what --overwrite allowed) and check it."""
-    trained = load_trained(model_dir, base=base, device="cpu", weights=weights_folder)
+    trained = load_trained(model_dir, base=base, device="cpu", weights=weights_folder, num_crops=num_crops)
     sample = _reference_sample(trained.processor)
     with torch.no_grad():
         expected = trained.model(**sample).logits
@@ -124,8 +136,8 @@ def _export(
         raise RuntimeError(f"Merging left adapter or quantization tensors behind: {leftovers[:5]}")
     _write_shards(weights, partial)
     (partial / "config.json").write_text(json.dumps(official_config(model.config, dtype), indent=2) + "\n")
-    _write_generation_config(model, partial)
-    _write_processor_files(trained, model_dir, partial)
+    _write_generation_config(model, trained.processor, partial)
+    _write_processor_files(trained, model_dir, partial, out)
     if out.is_dir():
         shutil.rmtree(out)  # what --overwrite replaces (an empty folder otherwise)
     elif out.exists():
@@ -198,16 +210,19 @@ def _write_shards(weights: dict[str, torch.Tensor], out: Path) -> None:
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def _write_generation_config(model, out: Path) -> None:
+def _write_generation_config(model, processor, out: Path) -> None:
+    """The official generation config, except that it stops at <|end|> and <|endoftext|> too: every answer the
+    recipes train ends with them, and the official file's </s> alone lets a server run on past the answer."""
     config = model.config
-    generation = {"_from_model_config": True, "bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
+    generation = {"_from_model_config": True, "bos_token_id": config.bos_token_id}
+    generation["eos_token_id"] = processor.stop_token_ids
     generation |= {"pad_token_id": config.pad_token_id, "transformers_version": transformers.__version__}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
 
 
-def _write_processor_files(trained: Trained, model_dir: Path, out: Path) -> None:
+def _write_processor_files(trained: Trained, model_dir: Path, out: Path, final: Path) -> None:
     """Tokenizer files from a local base folder (the official ones) or the run; processor configs in the
-    official format with the run's num_crops; the official remote code when the base folder has it."""
+    official format with the run's num_crops; the official remote code."""
     base = Path(trained.base) if trained.base and Path(trained.base).is_dir() else None
     source = base if base is not None and (base / "tokenizer_config.json").is_file() else model_dir
     for name in TOKENIZER_FILES:
@@ -229,8 +244,34 @@ def _write_processor_files(trained: Trained, model_dir: Path, out: Path) -> None
     (out / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n")
     processor = {"auto_map": {"AutoProcessor": OFFICIAL_PROCESSOR_AUTO_MAP["AutoProcessor"]}}
     (out / "processor_config.json").write_text(json.dumps({**processor, "processor_class": "Phi3VProcessor"}) + "\n")
-    for code in sorted(base.glob("*_phi3_v.py")) if base is not None else []:
-        shutil.copyfile(code, out / code.name)
+    _write_remote_code(trained.base, base, out, final)
+
+
+def _write_remote_code(named_base: str | None, base: Path | None, out: Path, final: Path) -> None:
+    """The official remote-code files, which vLLM runs (``--trust-remote-code``): from a local base folder, or
+    from the hub repository a hub-based run started from. Without them the export is still written, and the
+    message says which files to copy from where."""
+    if base is not None:
+        for code in sorted(base.glob("*_phi3_v.py")):
+            shutil.copyfile(code, out / code.name)
+        missing = [name for name in REMOTE_CODE if not (base / name).is_file()]
+        reason = f"the base model folder {base} does not hold them"
+    elif named_base is not None and HUB_ID.match(named_base):
+        try:
+            for name in REMOTE_CODE:
+                shutil.copyfile(hf_hub_download(named_base, name), out / name)
+            return
+        except (OSError, ValueError, EntryNotFoundError) as error:  # offline, unreachable, not in that repository
+            missing, reason = list(REMOTE_CODE), f"they could not be fetched from {named_base} ({type(error).__name__})"
+    else:
+        missing, reason = list(REMOTE_CODE), "the run names no base model"
+    if missing:
+        repository = named_base if named_base and HUB_ID.match(named_base) and base is None else OFFICIAL_MODEL
+        logger.warning(
+            "The export lacks remote-code files: %s. vLLM and trust_remote_code need them; copy %s from "
+            "https://huggingface.co/%s/tree/main into %s.",
+            reason, ", ".join(missing), repository, final,
+        )  # fmt: skip
 
 
 def _reference_sample(processor: Phi3VProcessor) -> dict[str, torch.Tensor]:

@@ -13,11 +13,13 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from safetensors import safe_open
+from transformers import AutoProcessor, AutoTokenizer
 
 from phi3v import Phi3VConfig, Phi3VForCausalLM
 from phi3v import exporting as exporting_module
+from phi3v import inference as inference_module
 from phi3v.errors import RecipeError
-from phi3v.exporting import LEFTOVERS, TOKENIZER_FILES, check_destination, export, official_config
+from phi3v.exporting import LEFTOVERS, REMOTE_CODE, TOKENIZER_FILES, check_destination, export, official_config
 from phi3v.training.loading import load_model
 
 # The keys of microsoft/Phi-3.5-vision-instruct's config.json (but _name_or_path and _attn_implementation).
@@ -43,7 +45,8 @@ def base_dir(tiny_dir, tmp_path_factory) -> Path:
     """A local base model folder, as a copy of the official one would be, with the remote-code files."""
     base = tmp_path_factory.mktemp("base") / "tiny"
     shutil.copytree(tiny_dir, base)
-    (base / "modeling_phi3_v.py").write_text("# the official remote code\n")
+    for name in REMOTE_CODE:
+        (base / name).write_text(f"# the official {name}\n")
     return base
 
 
@@ -173,7 +176,8 @@ def test_an_export_holds_the_official_files(exported, tiny_dir, base_dir):
                 "model-00001-of-00001.safetensors", "processor_config.json"}  # fmt: skip
     assert official <= names
     assert {name for name in TOKENIZER_FILES if (tiny_dir / name).is_file()} <= names
-    assert (out / "modeling_phi3_v.py").read_text() == "# the official remote code\n"  # from the local base
+    for name in REMOTE_CODE:  # from the local base
+        assert (out / name).read_text() == f"# the official {name}\n"
     config = json.loads((out / "config.json").read_text())
     assert set(config) == OFFICIAL_KEYS and config["model_type"] == "phi3_v" and config["torch_dtype"] == "float32"
     index = json.loads((out / "model.safetensors.index.json").read_text())
@@ -185,8 +189,17 @@ def test_an_export_holds_the_official_files(exported, tiny_dir, base_dir):
     assert (preprocessor["num_crops"], preprocessor["crop_size"]) == (4, 56)
     assert preprocessor["auto_map"]["AutoProcessor"] == "processing_phi3_v.Phi3VProcessor"
     generation = json.loads((out / "generation_config.json").read_text())
-    assert (generation["bos_token_id"], generation["eos_token_id"]) == (1, 2)
+    vocabulary = AutoTokenizer.from_pretrained(tiny_dir).get_vocab()
+    stops = [vocabulary[token] for token in ("<|end|>", "<|endoftext|>", "</s>")]  # what every answer ends with
+    assert (generation["bos_token_id"], generation["eos_token_id"]) == (1, stops)
     assert not [p for p in out.parent.iterdir() if ".partial-" in p.name]
+
+
+def test_an_export_with_another_crop_count(full_run, tmp_path, capsys):
+    difference = export(full_run, tmp_path / "crops", dtype="float32", num_crops=2)
+    assert difference < 1e-5  # checked on a sample encoded with 2 crops
+    assert json.loads((tmp_path / "crops" / "preprocessor_config.json").read_text())["num_crops"] == 2
+    assert AutoProcessor.from_pretrained(tmp_path / "crops").image_processor.num_crops == 2
 
 
 def test_a_bfloat16_export(full_run, tmp_path, capsys):
@@ -222,7 +235,7 @@ def test_an_export_that_fails_midway_leaves_no_out(full_run, tmp_path, monkeypat
         (out / "previous.txt").write_text("the previous export")
     written = []
 
-    def fail(model, folder):
+    def fail(model, processor, folder):
         written.extend(p.name for p in folder.iterdir())  # the shards are there already
         raise KeyboardInterrupt
 
@@ -249,3 +262,64 @@ def test_a_lora_run_is_merged_into_its_base(tiny_dir, tiny_processor, sample, tm
     assert not [name for name in tensors(tmp_path / "merged") if LEFTOVERS.search(name)]
     merged = load_model(tmp_path / "merged", device="cpu").eval()
     torch.testing.assert_close(logits(merged, sample), expected, rtol=1e-4, atol=1e-4)
+
+
+# --- the remote code a server runs -----------------------------------------------------------------------------
+
+HUB_BASE = "microsoft/Phi-3.5-vision-instruct"
+
+
+@pytest.fixture
+def hub_based_lora_run(tiny_dir, tiny_processor, tmp_path, monkeypatch) -> Path:
+    """A LoRA run whose adapter config names the hub id, as a run trained from the hub's checkpoint is. The hub
+    is mocked: the tiny checkpoint stands in for the hub's weights."""
+    peft_model = get_peft_model(Phi3VForCausalLM.from_pretrained(tiny_dir), LoraConfig(r=2, target_modules=["fc1"]))
+    run = tmp_path / "lora"
+    peft_model.save_pretrained(run)
+    tiny_processor.save_pretrained(run)
+    config = json.loads((run / "adapter_config.json").read_text())
+    (run / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": HUB_BASE}))
+    real_load_model = inference_module.load_model
+
+    def load_model(source, **kwargs):
+        return real_load_model(tiny_dir if source == HUB_BASE else source, **kwargs)
+
+    monkeypatch.setattr(inference_module, "load_model", load_model)
+    return run
+
+
+def test_a_hub_based_run_gets_the_remote_code_from_its_hub_repository(hub_based_lora_run, tmp_path, monkeypatch):
+    fetched = []
+
+    def hub_download(repo_id: str, filename: str) -> str:
+        fetched.append((repo_id, filename))
+        (tmp_path / "hub").mkdir(exist_ok=True)
+        (tmp_path / "hub" / filename).write_text(f"# {repo_id} {filename}\n")
+        return str(tmp_path / "hub" / filename)
+
+    monkeypatch.setattr(exporting_module, "hf_hub_download", hub_download)
+    export(hub_based_lora_run, tmp_path / "out", dtype="float32")
+    assert fetched == [(HUB_BASE, name) for name in REMOTE_CODE]
+    for name in REMOTE_CODE:
+        assert (tmp_path / "out" / name).read_text() == f"# {HUB_BASE} {name}\n"
+
+
+def test_offline_the_export_says_which_files_to_copy_from_where(hub_based_lora_run, tmp_path, monkeypatch, caplog):
+    def offline(repo_id: str, filename: str) -> str:
+        raise OSError("offline")
+
+    monkeypatch.setattr(exporting_module, "hf_hub_download", offline)
+    export(hub_based_lora_run, tmp_path / "out", dtype="float32")
+    assert (tmp_path / "out" / "model.safetensors.index.json").is_file()  # everything else is written
+    message = next(record.getMessage() for record in caplog.records if "remote-code" in record.getMessage())
+    assert f"could not be fetched from {HUB_BASE}" in message and ", ".join(REMOTE_CODE) in message
+    assert f"https://huggingface.co/{HUB_BASE}/tree/main into {tmp_path / 'out'}" in message
+
+
+def test_a_local_base_without_the_remote_code_gets_the_same_message(full_run, tmp_path, caplog):
+    bare = tmp_path / "bare"
+    shutil.copytree(full_run, bare)
+    (bare / "run_args.json").write_text(json.dumps({"flags": {"model_name_or_path": str(bare)}}))
+    export(bare, tmp_path / "out", dtype="float32")
+    message = next(record.getMessage() for record in caplog.records if "remote-code" in record.getMessage())
+    assert f"the base model folder {bare} does not hold them" in message and ", ".join(REMOTE_CODE) in message
