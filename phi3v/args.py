@@ -42,6 +42,11 @@ def positional(help: str, **kwargs: Any) -> Any:
     return field(metadata={"help": help, "positional": True, **kwargs})
 
 
+def check_num_crops(num_crops: int) -> None:
+    if not 1 <= num_crops <= 16:
+        raise ValueError(f"--num_crops must be between 1 and 16, got {num_crops}.")
+
+
 @dataclass
 class RecipeArguments:
     """Flags shared by the recipes (the original scripts' argparse flags, same names and defaults); the new
@@ -152,14 +157,15 @@ class RecipeArguments:
     )
 
     def __post_init__(self) -> None:
-        if not 1 <= self.num_crops <= 16:
-            raise ValueError(f"--num_crops must be between 1 and 16, got {self.num_crops}.")
+        check_num_crops(self.num_crops)
         for name in ("batch_size", "batch_size_per_gpu", "lora_rank", "num_train_epochs", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
         if self.dataloader_num_workers < 0:
             raise ValueError(f"--dataloader_num_workers must be 0 or more, got {self.dataloader_num_workers}.")
-        for name in ("max_eval_samples", "save_steps", "save_total_limit", "max_length", "ddp_timeout"):
+        at_least_one = ("max_eval_samples", "save_steps", "save_total_limit", "max_length", "ddp_timeout", "eval_steps",
+                        "eval_samples_during_training", "early_stopping_patience")  # fmt: skip
+        for name in at_least_one:
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
         self._check_evaluation_during_training()
@@ -178,9 +184,6 @@ class RecipeArguments:
             self.deepspeed = str(_find_config(self.deepspeed))
 
     def _check_evaluation_during_training(self) -> None:
-        for name in ("eval_steps", "eval_samples_during_training", "early_stopping_patience"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
         if self.early_stopping_threshold < 0:
             raise ValueError(f"--early_stopping_threshold must be 0 or more, got {self.early_stopping_threshold}.")
         if self.eval_steps is not None and self.eval_strategy == "no":
@@ -299,12 +302,11 @@ class ExportArguments:
     num_crops: int | None = flag(
         None, "crops per image the exported processor config sets, which servers such as vLLM use (default: the run's)"
     )
+    overwrite: bool = flag(False, "replace --out when it already holds files")
 
     def __post_init__(self) -> None:
-        if self.num_crops is not None and not 1 <= self.num_crops <= 16:
-            raise ValueError(f"--num_crops must be between 1 and 16, got {self.num_crops}.")
-
-    overwrite: bool = flag(False, "replace --out when it already holds files")
+        if self.num_crops is not None:
+            check_num_crops(self.num_crops)
 
 
 @dataclass

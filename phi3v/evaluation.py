@@ -242,14 +242,10 @@ def validation_loss(model, dataset, pad_token_id: int) -> float:
     device = next(model.parameters()).device
     totals = []
     for index in my_samples(len(dataset)):
-        batch = collate([dataset[index]])
-        inputs = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor) and k != "labels"}
-        logits = model(**inputs).logits[:, :-1].float()
-        labels = batch["labels"][:, 1:].to(device)
-        loss = torch.nn.functional.cross_entropy(
-            logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="sum"
-        )
-        totals.append((loss.item(), (labels != IGNORE_INDEX).sum().item()))
+        batch = {k: v.to(device) for k, v in collate([dataset[index]]).items() if isinstance(v, torch.Tensor)}
+        tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum().item()  # the answer tokens the model's loss averages
+        loss = model(**batch).loss.item() * tokens if tokens else 0.0  # the training loss, per answer token
+        totals.append((loss, tokens))
     model.train(was_training)
     everything = from_every_rank(totals)
     return sum(loss for loss, _ in everything) / max(1, sum(tokens for _, tokens in everything))

@@ -251,22 +251,23 @@ def _write_remote_code(named_base: str | None, base: Path | None, out: Path, fin
     """The official remote-code files, which vLLM runs (``--trust-remote-code``): from a local base folder, or
     from the hub repository a hub-based run started from. Without them the export is still written, and the
     message says which files to copy from where."""
+    missing, repository = list(REMOTE_CODE), OFFICIAL_MODEL
     if base is not None:
         for code in sorted(base.glob("*_phi3_v.py")):
             shutil.copyfile(code, out / code.name)
         missing = [name for name in REMOTE_CODE if not (base / name).is_file()]
         reason = f"the base model folder {base} does not hold them"
     elif named_base is not None and HUB_ID.match(named_base):
+        repository = named_base
         try:
             for name in REMOTE_CODE:
                 shutil.copyfile(hf_hub_download(named_base, name), out / name)
             return
         except (OSError, ValueError, EntryNotFoundError) as error:  # offline, unreachable, not in that repository
-            missing, reason = list(REMOTE_CODE), f"they could not be fetched from {named_base} ({type(error).__name__})"
+            reason = f"they could not be fetched from {named_base} ({type(error).__name__})"
     else:
-        missing, reason = list(REMOTE_CODE), "the run names no base model"
+        reason = "the run names no base model"
     if missing:
-        repository = named_base if named_base and HUB_ID.match(named_base) and base is None else OFFICIAL_MODEL
         logger.warning(
             "The export lacks remote-code files: %s. vLLM and trust_remote_code need them; copy %s from "
             "https://huggingface.co/%s/tree/main into %s.",

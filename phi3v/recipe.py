@@ -163,8 +163,8 @@ def _run(
     after = run_evaluation(model, output_file=output_dir / "eval_after.json", details={"model_step": model_step})
     if state.is_main_process:
         final_loss = (step_records(metrics.log_history) or [{}])[-1].get("loss")
-        update_metrics(output_dir, after=after, auroc_after=_auroc(output_dir / "eval_after.json"))
-        update_metrics(output_dir, model_step=model_step)
+        after_report = {"after": after, "auroc_after": _auroc(output_dir / "eval_after.json"), "model_step": model_step}
+        update_metrics(output_dir, **after_report)
         update_metrics(output_dir, final_loss=final_loss, total_runtime_s=time.monotonic() - started)
         logger.info("Run report: %s and %s", output_dir / "metrics.json", plot_report(output_dir))
     if state.is_main_process and metric != "none":

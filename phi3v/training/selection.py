@@ -126,28 +126,28 @@ class EvaluationDuringTraining(TrainerCallback):
         self.args, self.metric, self.evaluate, self.num_samples, self.loss = args, metric, evaluate, num_samples, loss
         self.compared = args.metric_for_best_model or metric  # what picks the best: the metric, or loss
         self.output_dir = Path(args.output_dir)
-        self.scores: list[tuple[int, float]] = []
         self.trainer = None  # set by ``attach``: the model, ``log`` and the autocast context come from it
         self.stop_request: StopRequest | None = None
 
     def attach(self, trainer, stop_request: StopRequest | None = None) -> None:
         self.trainer, self.stop_request = trainer, stop_request
 
-    @property
-    def standing(self) -> Standing:
-        return standing_after(self.scores, self.args.early_stopping_threshold, self.compared == "loss")
+    def _standing(self, state) -> Standing:
+        """From the evaluations in the Trainer's log history: a resumed run's include those before the resume."""
+        scores = logged_scores(state.log_history, self.compared)
+        return standing_after(scores, self.args.early_stopping_threshold, self.compared == "loss")
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.scores = logged_scores(state.log_history, self.compared)  # a resumed run's evaluations so far
-        if self.scores and state.is_world_process_zero:
-            standing = self.standing
+        evaluated = dict(logged_scores(state.log_history, self.compared))  # a resumed run's evaluations so far
+        if evaluated and state.is_world_process_zero:
+            standing = self._standing(state)
             logger.info("Resuming with %d evaluations during training; the best %s is %.4f at step %d",
-                        len(self.scores), self.compared, standing.best_score, standing.best_step)  # fmt: skip
+                        len(evaluated), self.compared, standing.best_score, standing.best_step)  # fmt: skip
             update_metrics(self.output_dir, best=self._best(standing))
-        if self._due(state) and state.global_step not in dict(self.scores):
+        if self._due(state) and state.global_step not in evaluated:
             self._evaluate(state, control)  # the evaluation a stop signal skipped at the checkpoint resumed from
         if self.args.save_best and state.is_world_process_zero:
-            self._record_best(self.standing)  # the record may name a later checkpoint, of an abandoned future
+            self._record_best(self._standing(state))  # the record may name a later checkpoint, of an abandoned future
         return control
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -167,7 +167,7 @@ class EvaluationDuringTraining(TrainerCallback):
         return periodic or state.global_step >= state.max_steps
 
     def on_save(self, args, state, control, **kwargs):
-        standing = self.standing
+        standing = self._standing(state)
         if self.args.save_best and standing.best_step == state.global_step and state.is_world_process_zero:
             self._record_best(standing)
         return control
@@ -183,11 +183,10 @@ class EvaluationDuringTraining(TrainerCallback):
             logs = from_main_process(_scores(score, output_file, self.metric) if state.is_world_process_zero else None)
             if self.loss is not None:
                 logs["eval_loss"] = self.loss(model)
-        self.scores.append((step, logs[f"eval_{self.compared}"]))
         should_log = control.should_log
-        self.trainer.log({**logs, "eval_samples": self.num_samples})
+        self.trainer.log({**logs, "eval_samples": self.num_samples})  # into state.log_history, on every rank
         control.should_log = should_log  # Trainer.log clears it: the step's own loss line is still due
-        self._act_on(self.standing, state, control)
+        self._act_on(self._standing(state), state, control)
 
     def _act_on(self, standing: Standing, state, control) -> None:
         """Record the best so far; ask for its checkpoint when it is new (--save_best); stop when patience is out."""
