@@ -32,9 +32,10 @@ from __future__ import annotations
 import logging
 import sys
 
-from .args import ExportArguments, parse_args
+from .args import parse_args
 from .errors import command
 from .exporting import export
+from .program_args import ExportArguments
 
 
 @command

@@ -20,9 +20,10 @@ from pathlib import Path
 
 import torch
 
-from .args import PredictArguments, parse_args
+from .args import parse_args
 from .errors import RecipeError, command
 from .inference import ask, load_trained, question_problem, read_questions, unreadable_images, write_answers
+from .program_args import PredictArguments
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -13,9 +13,10 @@ from __future__ import annotations
 import csv
 import sys
 
-from .args import RunsArguments, parse_args
+from .args import parse_args
 from .errors import RecipeError, command
 from .hub import require_folder
+from .program_args import RunsArguments
 from .report import find_runs, run_row, table
 
 

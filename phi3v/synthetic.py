@@ -16,9 +16,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .args import SyntheticArguments, parse_args
+from .args import parse_args
 from .data.synthetic import write_cauldron, write_custom, write_docvqa, write_ucf101
 from .errors import command
+from .program_args import SyntheticArguments
 
 
 @command

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import sys
 
-from .args import TinyArguments, parse_args
+from .args import parse_args
 from .errors import command
 from .models.tiny import write_tiny_checkpoint
+from .program_args import TinyArguments
 
 
 @command

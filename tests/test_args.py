@@ -2,17 +2,9 @@
 
 import pytest
 
-from phi3v.args import (
-    ExportArguments,
-    PredictArguments,
-    RecipeArguments,
-    RunsArguments,
-    SyntheticArguments,
-    TinyArguments,
-    gradient_accumulation_steps,
-    parse_args,
-)
+from phi3v.args import RecipeArguments, gradient_accumulation_steps, parse_args
 from phi3v.errors import RecipeError
+from phi3v.program_args import ExportArguments, PredictArguments, RunsArguments, SyntheticArguments, TinyArguments
 
 
 def test_original_defaults():
