@@ -73,6 +73,17 @@ class RecipeArguments:
     lora_alpha_ratio: float = flag(2.0, "LoRA alpha = round(rank * ratio)")
     lora_dropout: float = flag(0.0, "LoRA dropout")
     freeze_vision_model: bool = flag(False, "freeze CLIP, the projector and the separators")
+    freeze_clip: bool = flag(False, "(new) freeze CLIP only (the projector and the separators still train)")
+    freeze_projector: bool = flag(False, "(new) freeze the projector and the separators (glb_GN, sub_GN)")
+    freeze_language_model: bool = flag(
+        False, "(new) freeze the language model (token embeddings, decoder, lm_head): only the vision side trains"
+    )
+    vision_lr: float | None = flag(None, "(new) peak learning rate of CLIP (default: --learning_rate)")
+    projector_lr: float | None = flag(
+        None, "(new) peak learning rate of the projector and the separators (default: --learning_rate)"
+    )
+    use_dora: bool = flag(False, "(new) DoRA: LoRA adapters with a learned magnitude per output (needs --use_lora)")
+    use_rslora: bool = flag(False, "(new) rsLoRA: adapters scaled by alpha / sqrt(rank), not alpha / rank")
     dataloader_num_workers: int = flag(4, "(new flag, original value) data-loading worker processes")
     max_eval_samples: int | None = flag(None, "(new) evaluate on at most this many samples")
     max_new_tokens: int = flag(64, "(new flag, original value) tokens generated per evaluation answer")
@@ -172,6 +183,7 @@ class RecipeArguments:
         if self.use_qlora and not self.use_lora:
             logger.info("--use_qlora implies --use_lora.")
             self.use_lora = True
+        self._check_parts()
         if self.use_flash_attention and not self.bf16:
             # Flash attention does not run in fp16 (the original README's known issue), so bf16 it is.
             logger.info("--use_flash_attention implies --bf16.")
@@ -207,6 +219,26 @@ class RecipeArguments:
                              "--eval_strategy epoch.")  # fmt: skip
         if self.load_best_model_at_end:
             self.save_best = True
+
+    def _check_parts(self) -> None:
+        """Freezing, per-part learning rates and the LoRA variants: a combination that trains nothing, the rate of
+        a frozen part, or a LoRA variant without LoRA is refused."""
+        if self.freeze_vision_model:
+            self.freeze_clip = self.freeze_projector = True
+        if self.freeze_clip and self.freeze_projector and self.freeze_language_model:
+            raise ValueError("--freeze_clip and --freeze_projector (together: --freeze_vision_model) with "
+                             "--freeze_language_model freeze the whole model: nothing would train.")  # fmt: skip
+        for rate, frozen, freezing in (("vision_lr", self.freeze_clip, "--freeze_clip"),
+                                       ("projector_lr", self.freeze_projector, "--freeze_projector")):  # fmt: skip
+            value = getattr(self, rate)
+            if value is not None and value <= 0:
+                raise ValueError(f"--{rate} must be more than 0, got {value}.")
+            if value is not None and frozen:
+                raise ValueError(f"--{rate} is the learning rate of a part that {freezing} (or --freeze_vision_model) "
+                                 "freezes: drop one of them.")  # fmt: skip
+        for variant in ("use_dora", "use_rslora"):
+            if getattr(self, variant) and not self.use_lora:
+                raise ValueError(f"--{variant} is a kind of LoRA adapter: add --use_lora (or --use_qlora).")
 
     @property
     def evaluates_during_training(self) -> bool:

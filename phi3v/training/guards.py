@@ -1,8 +1,7 @@
-"""Guards against runs that fail silently: nothing trainable, a loss that stopped being a number, a
-trainable part of the model whose gradient is exactly zero.
+"""Guards against runs that fail silently: a loss that stopped being a number, a trainable part of the model
+whose gradient is exactly zero, a sample that became unreadable (a run with nothing trainable is refused by
+``phi3v.training.parts.trainable_parameter_table``).
 
-- ``trainable_parameter_table``: what trains, per part of the model, logged at start; no trainable
-  parameter at all refuses to start.
 - ``LossGuard``: the loss of every micro-batch is checked (on the device, one sync per optimizer step);
   after ``NONFINITE_PATIENCE`` optimizer steps in a row with a non-finite loss the run stops, naming
   the steps and their samples.
@@ -16,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections import defaultdict
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -26,55 +24,13 @@ from transformers import TrainerCallback
 
 from ..distributed import any_rank, gathered
 from ..errors import RecipeError, SharedError
+from .parts import parameter_group
 
 logger = logging.getLogger(__name__)
 
 NONFINITE_PATIENCE = 3
 WATCH_STEPS = 5
 MAX_ROWS_SHOWN = 10
-
-# Parts of the model by parameter-name prefix (the official names; PEFT adds "base_model.model.").
-PARAMETER_GROUPS = (
-    ("vision tower (CLIP)", "model.vision_embed_tokens.img_processor."),
-    ("projector", "model.vision_embed_tokens.img_projection."),
-    ("separators (glb_GN, sub_GN)", "model.vision_embed_tokens."),
-    ("token embeddings", "model.embed_tokens."),
-    ("decoder layers", "model.layers."),
-    ("final norm", "model.norm."),
-    ("lm_head", "lm_head."),
-)
-
-
-def parameter_group(name: str) -> str:
-    bare = name.removeprefix("base_model.model.")
-    group = next((label for label, prefix in PARAMETER_GROUPS if bare.startswith(prefix)), "other")
-    return f"LoRA adapters on {group}" if ".lora_" in bare else group
-
-
-def trainable_parameter_table(model: torch.nn.Module) -> str:
-    """One line per group: trainable and total parameters. Raises when nothing trains."""
-    trainable: dict[str, int] = defaultdict(int)
-    total: dict[str, int] = defaultdict(int)
-    for name, parameter in model.named_parameters():
-        group = parameter_group(name)
-        total[group] += parameter.numel()
-        trainable[group] += parameter.numel() if parameter.requires_grad else 0
-    if not any(trainable.values()):
-        raise RecipeError(
-            "No parameter of the model is trainable, so training would change nothing. Check the freezing and "
-            "LoRA flags (--freeze_vision_model with --use_lora and no vision targets, for example)."
-        )
-    lines = [f"{'group':<40}{'trainable':>16}{'total':>16}"]
-    for group in sorted(total, key=_group_order):
-        lines.append(f"{group:<40}{trainable[group]:>16,}{total[group]:>16,}")
-    lines.append(f"{'all':<40}{sum(trainable.values()):>16,}{sum(total.values()):>16,}")
-    return "\n".join(lines)
-
-
-def _group_order(group: str) -> tuple[int, bool]:
-    base = group.removeprefix("LoRA adapters on ")
-    labels = [label for label, _ in PARAMETER_GROUPS]
-    return (labels.index(base) if base in labels else len(labels), group != base)
 
 
 class LossGuard(TrainerCallback):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -10,7 +11,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from ..args import RecipeArguments
 from ..models.liger import apply_liger_kernels
 from ..models.modeling import Phi3VForCausalLM
-from .guards import trainable_parameter_table
+from .parts import LANGUAGE, PARTS, frozen_parts, learning_rates, part_of, trainable_parameter_table
 
 logger = logging.getLogger(__name__)
 
@@ -26,27 +27,30 @@ def freeze_unused_vision_parameters(model: Phi3VForCausalLM) -> None:
         parameter.requires_grad_(False)
 
 
-def freeze_vision_tower(model: Phi3VForCausalLM) -> None:
-    """--freeze_vision_model: CLIP, the projector and the separators.
+def freeze(model: Phi3VForCausalLM, parts: Collection[str]) -> None:
+    """Freeze whole parts of the model (phi3v.training.parts: vision, projector, language).
 
-    The original froze ``vision_embed_tokens``, which also held a reference to the token embeddings,
-    so it froze them too by accident; here the token embeddings stay trainable (docs/differences.md).
+    The original's --freeze_vision_model froze ``vision_embed_tokens``, which also held a reference to the token
+    embeddings, so it froze them too by accident; here they stay trainable unless the language part is frozen
+    (docs/differences.md).
     """
-    model.model.vision_embed_tokens.requires_grad_(False)
+    for name, parameter in model.named_parameters():
+        if part_of(name) in parts:
+            parameter.requires_grad_(False)
 
 
-def lora_target_modules(model: Phi3VForCausalLM, include_vision: bool) -> list[str]:
-    """Full names of the Linear layers LoRA adapts: the decoder and lm_head, plus the used CLIP layers
-    and the projector unless the vision tower is frozen."""
+def lora_target_modules(model: Phi3VForCausalLM, parts: Collection[str] = PARTS) -> list[str]:
+    """Full names of the Linear layers LoRA adapts in ``parts``: the decoder and lm_head (language), the used CLIP
+    layers (vision), the projector (projector)."""
     tower = model.model.vision_embed_tokens.img_processor
     unused = {id(p) for p in tower.unused_parameters()}
     names = []
     for name, module in model.named_modules():
         if not isinstance(module, torch.nn.Linear):  # bitsandbytes Linear4bit is a Linear too
             continue
-        is_vision = name.startswith("model.vision_embed_tokens.")
-        targets = VISION_LORA_TARGETS if is_vision else LANGUAGE_LORA_TARGETS
-        if is_vision and (not include_vision or id(module.weight) in unused):
+        part = part_of(name)
+        targets = LANGUAGE_LORA_TARGETS if part == LANGUAGE else VISION_LORA_TARGETS
+        if part not in parts or id(module.weight) in unused:
             continue
         if any(name == t or name.endswith("." + t) for t in targets):
             names.append(name)
@@ -54,14 +58,17 @@ def lora_target_modules(model: Phi3VForCausalLM, include_vision: bool) -> list[s
 
 
 def apply_lora(model: Phi3VForCausalLM, args: RecipeArguments) -> PeftModel:
-    """Wrap the model with LoRA adapters; only the adapters train. (The original called transformers'
-    ``add_adapter``, which needs peft >= 0.22; the adapters and their saved files are the same.)"""
+    """Wrap the model with LoRA adapters (DoRA, rsLoRA scaling as the flags say) on the parts that are not frozen;
+    only the adapters train. (The original called transformers' ``add_adapter``, which needs peft >= 0.22; the
+    adapters and their saved files are the same.)"""
     config = LoraConfig(
         r=args.lora_rank,
         lora_alpha=round(args.lora_rank * args.lora_alpha_ratio),
         lora_dropout=args.lora_dropout,
-        target_modules=lora_target_modules(model, include_vision=not args.freeze_vision_model),
+        target_modules=lora_target_modules(model, set(PARTS) - frozen_parts(args)),
         init_lora_weights="gaussian",
+        use_dora=args.use_dora,
+        use_rslora=args.use_rslora,
     )
     return get_peft_model(model, config)
 
@@ -85,12 +92,11 @@ def enable_activation_checkpointing(model: Phi3VForCausalLM | PeftModel, which: 
 
 def prepare_for_training(model: Phi3VForCausalLM, args: RecipeArguments) -> Phi3VForCausalLM | PeftModel:
     freeze_unused_vision_parameters(model)
-    if args.freeze_vision_model:
-        freeze_vision_tower(model)
+    freeze(model, frozen_parts(args))
     if args.use_liger_kernel:
         apply_liger_kernels(model)
     if args.use_lora:
         model = apply_lora(model, args)
     enable_activation_checkpointing(model, args.gradient_checkpointing)
-    logger.info("Trainable parameters:\n%s", trainable_parameter_table(model))
+    logger.info("Trainable parameters:\n%s", trainable_parameter_table(model, learning_rates(args)))
     return model

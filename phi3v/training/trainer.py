@@ -33,6 +33,7 @@ from ..report import MetricsCallback
 from .checkpoints import CheckpointCallback
 from .failure import SAVING, RunProgress, resume_command
 from .guards import GradientWatch, LossGuard, UnreadableSamples
+from .parts import learning_rates, optimizer_groups
 from .preemption import PreemptionCallback, StopRequest
 from .selection import EvaluationDuringTraining
 
@@ -123,15 +124,35 @@ def build_training_args(args: RecipeArguments, accumulation_steps: int) -> Train
 class RecipeTrainer(Trainer):
     """The HF Trainer, with every micro-batch's loss shown to a LossGuard (with the rows it came from), its
     unreadable samples to UnreadableSamples, dataloader workers that leave stop signals to the main process,
-    and --group_by_length's order."""
+    --group_by_length's order, and a learning rate per part of the model (``rates``: vision, projector, language)."""
 
     def __init__(
-        self, *args, loss_guard: LossGuard, unreadable: UnreadableSamples, group_by_length: bool = False, **kwargs
+        self,
+        *args,
+        loss_guard: LossGuard,
+        unreadable: UnreadableSamples,
+        group_by_length: bool = False,
+        rates: dict[str, float] | None = None,
+        **kwargs,
     ):
         super().__init__(*args, **kwargs)
         self.loss_guard = loss_guard
         self.unreadable = unreadable
         self.group_by_length = group_by_length
+        self.rates = rates
+
+    def create_optimizer(self, model=None):
+        """The Trainer's optimizer; with --vision_lr or --projector_lr, its groups are split by part, each at its
+        part's rate (the weight-decay exclusions unchanged), and the learning-rate schedule scales each."""
+        if self.optimizer is not None or not self.rates or set(self.rates.values()) == {self.args.learning_rate}:
+            return super().create_optimizer(model)
+        model = self.model if model is None else model
+        groups = optimizer_groups(
+            model.named_parameters(), self.get_decay_parameter_names(model), self.args.weight_decay, self.rates
+        )
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+        self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
@@ -224,6 +245,7 @@ def train_and_save(
         loss_guard=loss_guard,
         unreadable=unreadable,
         group_by_length=args.group_by_length,
+        rates=learning_rates(args),
     )
     if selection is not None:
         selection.attach(trainer, stop_request)

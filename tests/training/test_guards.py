@@ -9,7 +9,8 @@ from transformers import TrainerControl, TrainerState, TrainingArguments
 from phi3v import Phi3VForCausalLM
 from phi3v.args import RecipeArguments, parse_args
 from phi3v.errors import RecipeError
-from phi3v.training.guards import GradientWatch, LossGuard, parameter_group, trainable_parameter_table
+from phi3v.training.guards import GradientWatch, LossGuard
+from phi3v.training.parts import parameter_group, trainable_parameter_table
 from phi3v.training.preparation import lora_target_modules, prepare_for_training
 
 
@@ -56,7 +57,7 @@ def test_lora_rows(model):
         "lm_head": "lm_head",
     }
     linears = {name: module for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
-    adapted = {name: linears[name] for name in lora_target_modules(model, include_vision=True)}
+    adapted = {name: linears[name] for name in lora_target_modules(model)}
     expected = {
         part: sum(4 * (m.in_features + m.out_features) for name, m in adapted.items() if name.startswith(prefix))
         for part, prefix in parts.items()

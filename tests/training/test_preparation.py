@@ -18,7 +18,7 @@ def model(tiny_dir):
 
 
 def test_lora_targets(model):
-    names = lora_target_modules(model, include_vision=True)
+    names = lora_target_modules(model)
     suffixes = {name.rsplit(".", 1)[-1] for name in names}
     assert {
         "qkv_proj",
@@ -39,7 +39,7 @@ def test_lora_targets(model):
     assert [n for n in names if ".encoder.layers.1.self_attn.q_proj" in n]
     # the text decoder has 2 layers x 4 targets + lm_head
     assert len([n for n in names if not n.startswith(VISION)]) == 2 * 4 + 1
-    assert not [n for n in lora_target_modules(model, include_vision=False) if n.startswith(VISION)]
+    assert not [n for n in lora_target_modules(model, {"language"}) if n.startswith(VISION)]
 
 
 def test_full_finetune_freezes_only_what_never_runs(model):
