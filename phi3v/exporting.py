@@ -1,5 +1,5 @@
-"""A finished run written as a standalone model folder in the official Phi-3.5-vision layout
-(``python -m phi3v.export``: what the folder holds and how it is checked)."""
+"""A finished run written as a standalone model folder in the official layout of its family, Phi-3.5-vision or
+Phi-3-vision-128k (``python -m phi3v.export``: what the folder holds and how it is checked)."""
 
 from __future__ import annotations
 
@@ -17,12 +17,12 @@ from huggingface_hub.errors import EntryNotFoundError
 from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 
-from .args import OFFICIAL_MODEL
 from .data.conversation import Conversation, Turn
 from .data.samples import encode_conversation
 from .errors import RecipeError
 from .hub import HUB_ID, require_folder
 from .inference import Trained, load_trained, run_base_model
+from .models.families import Family, family_of, official_config
 from .models.processing import Phi3VProcessor
 from .training.checkpoints import BEST_CHECKPOINT, best_checkpoint, checkpoint_folders, corruption, incompleteness
 from .training.loading import load_model
@@ -31,15 +31,6 @@ logger = logging.getLogger(__name__)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 MAX_SHARD_BYTES = 5 * 1024**3  # the official checkpoint's shards are 4.94 GB and 3.35 GB
-OFFICIAL_AUTO_MAP = {
-    "AutoConfig": "configuration_phi3_v.Phi3VConfig",
-    "AutoModelForCausalLM": "modeling_phi3_v.Phi3VForCausalLM",
-}
-OFFICIAL_PROCESSOR_AUTO_MAP = {
-    "AutoImageProcessor": "processing_phi3_v.Phi3VImageProcessor",
-    "AutoProcessor": "processing_phi3_v.Phi3VProcessor",
-}
-REMOTE_CODE = ("configuration_phi3_v.py", "modeling_phi3_v.py", "processing_phi3_v.py")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
 LEFTOVERS = re.compile(r"lora_|base_layer|modules_to_save|absmax|quant_map|quant_state|nested_")
 
@@ -137,7 +128,7 @@ def _export(
     _write_shards(weights, partial)
     (partial / "config.json").write_text(json.dumps(official_config(model.config, dtype), indent=2) + "\n")
     _write_generation_config(model, trained.processor, partial)
-    _write_processor_files(trained, model_dir, partial, out)
+    _write_processor_files(trained, family_of(model.config), model_dir, partial, out)
     if out.is_dir():
         shutil.rmtree(out)  # what --overwrite replaces (an empty folder otherwise)
     elif out.exists():
@@ -150,43 +141,6 @@ def _export(
     print(f"Exported {trained.kind} run {model_dir}{which} to {out} ({dtype}, {len(weights)} tensors).")
     print(f"Largest logit difference from the run on an image-and-text sample: {difference:.3g}")
     return difference
-
-
-def official_config(config, dtype: str) -> dict:
-    """The official config.json keys, from a loaded Phi3VConfig (transformers 5 keeps RoPE elsewhere)."""
-    rope = config.rope_parameters
-    img_processor = dict(config.img_processor)
-    return {
-        "architectures": ["Phi3VForCausalLM"],
-        "attention_dropout": config.attention_dropout,
-        "auto_map": OFFICIAL_AUTO_MAP,
-        "bos_token_id": config.bos_token_id,
-        "embd_layer": dict(config.embd_layer),
-        "embd_pdrop": config.embd_pdrop,
-        "eos_token_id": config.eos_token_id,
-        "hidden_act": config.hidden_act,
-        "hidden_size": config.hidden_size,
-        "img_processor": img_processor,
-        "initializer_range": config.initializer_range,
-        "intermediate_size": config.intermediate_size,
-        "max_position_embeddings": config.max_position_embeddings,
-        "model_type": "phi3_v",
-        "num_attention_heads": config.num_attention_heads,
-        "num_hidden_layers": config.num_hidden_layers,
-        "num_key_value_heads": config.num_key_value_heads,
-        "original_max_position_embeddings": config.original_max_position_embeddings,
-        "pad_token_id": config.pad_token_id,
-        "resid_pdrop": config.resid_pdrop,
-        "rms_norm_eps": config.rms_norm_eps,
-        "rope_scaling": {"long_factor": rope["long_factor"], "short_factor": rope["short_factor"], "type": "su"},
-        "rope_theta": rope["rope_theta"],
-        "sliding_window": config.sliding_window,
-        "tie_word_embeddings": config.tie_word_embeddings,
-        "torch_dtype": dtype,
-        "transformers_version": transformers.__version__,
-        "use_cache": True,
-        "vocab_size": config.vocab_size,
-    }
 
 
 def _write_shards(weights: dict[str, torch.Tensor], out: Path) -> None:
@@ -220,9 +174,9 @@ def _write_generation_config(model, processor, out: Path) -> None:
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
 
 
-def _write_processor_files(trained: Trained, model_dir: Path, out: Path, final: Path) -> None:
+def _write_processor_files(trained: Trained, family: Family, model_dir: Path, out: Path, final: Path) -> None:
     """Tokenizer files from a local base folder (the official ones) or the run; processor configs in the
-    official format with the run's num_crops; the official remote code."""
+    format of the model's family with the run's num_crops; the family's remote code."""
     base = Path(trained.base) if trained.base and Path(trained.base).is_dir() else None
     source = base if base is not None and (base / "tokenizer_config.json").is_file() else model_dir
     for name in TOKENIZER_FILES:
@@ -230,7 +184,7 @@ def _write_processor_files(trained: Trained, model_dir: Path, out: Path, final: 
             shutil.copyfile(source / name, out / name)
     image_processor = trained.processor.image_processor
     preprocessor = {
-        "auto_map": OFFICIAL_PROCESSOR_AUTO_MAP,
+        "auto_map": family.processor_auto_map(),
         "do_convert_rgb": image_processor.do_convert_rgb,
         "image_mean": image_processor.image_mean,
         "image_processor_type": "Phi3VImageProcessor",
@@ -241,26 +195,30 @@ def _write_processor_files(trained: Trained, model_dir: Path, out: Path, final: 
     }
     if image_processor.crop_size != 336:  # only small test checkpoints differ from the official geometry
         preprocessor["crop_size"] = image_processor.crop_size
+    preprocessor = family.official("preprocessor_config.json", preprocessor)
     (out / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n")
-    processor = {"auto_map": {"AutoProcessor": OFFICIAL_PROCESSOR_AUTO_MAP["AutoProcessor"]}}
-    (out / "processor_config.json").write_text(json.dumps({**processor, "processor_class": "Phi3VProcessor"}) + "\n")
-    _write_remote_code(trained.base, base, out, final)
+    if family.has_processor_config:
+        processor = {"auto_map": {"AutoProcessor": family.processor_auto_map()["AutoProcessor"]},
+                     "processor_class": "Phi3VProcessor"}  # fmt: skip
+        (out / "processor_config.json").write_text(json.dumps(processor) + "\n")
+    _write_remote_code(family, trained.base, base, out, final)
 
 
-def _write_remote_code(named_base: str | None, base: Path | None, out: Path, final: Path) -> None:
-    """The official remote-code files, which vLLM runs (``--trust-remote-code``): from a local base folder, or
-    from the hub repository a hub-based run started from. Without them the export is still written, and the
-    message says which files to copy from where."""
-    missing, repository = list(REMOTE_CODE), OFFICIAL_MODEL
+def _write_remote_code(family: Family, named_base: str | None, base: Path | None, out: Path, final: Path) -> None:
+    """The family's official remote-code files, which vLLM runs (``--trust-remote-code``): from a local base
+    folder, or from the hub repository a hub-based run started from. Without them the export is still written, and
+    the message says which files to copy from where."""
+    remote_code = family.remote_code
+    missing, repository = list(remote_code), family.hub_id
     if base is not None:
         for code in sorted(base.glob("*_phi3_v.py")):
             shutil.copyfile(code, out / code.name)
-        missing = [name for name in REMOTE_CODE if not (base / name).is_file()]
+        missing = [name for name in remote_code if not (base / name).is_file()]
         reason = f"the base model folder {base} does not hold them"
     elif named_base is not None and HUB_ID.match(named_base):
         repository = named_base
         try:
-            for name in REMOTE_CODE:
+            for name in remote_code:
                 shutil.copyfile(hf_hub_download(named_base, name), out / name)
             return
         except (OSError, ValueError, EntryNotFoundError) as error:  # offline, unreachable, not in that repository

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .args import check_num_crops, flag, positional
+from .models.families import FAMILIES, PHI_3_5_VISION
 
 EXPORT_DTYPES = ("bfloat16", "float16", "float32")
 
@@ -67,8 +68,12 @@ class TinyArguments:
     out: str = flag(None, "folder to write (created if missing)", required=True)
     crop_size: int = flag(336, "crop side in pixels (official: 336)")
     patch_size: int = flag(14, "CLIP patch side in pixels (official: 14)")
-    num_crops: int = flag(4, "processor default num_crops (official: 4)")
+    num_crops: int | None = flag(None, "processor default num_crops (default: the family's, 4 or 16 for the 128k)")
     seed: int = flag(0, "seed of the random weights")
+    like: str = flag(
+        PHI_3_5_VISION.name, "the official checkpoint whose folder layout and config keys to imitate",
+        choices=list(FAMILIES),
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         if self.crop_size % (2 * self.patch_size):

@@ -19,8 +19,11 @@ from phi3v import Phi3VConfig, Phi3VForCausalLM
 from phi3v import exporting as exporting_module
 from phi3v import inference as inference_module
 from phi3v.errors import RecipeError
-from phi3v.exporting import LEFTOVERS, REMOTE_CODE, TOKENIZER_FILES, check_destination, export, official_config
+from phi3v.exporting import LEFTOVERS, TOKENIZER_FILES, check_destination, export
+from phi3v.models.families import PHI_3_5_VISION, official_config
 from phi3v.training.loading import load_model
+
+REMOTE_CODE = PHI_3_5_VISION.remote_code
 
 # The keys of microsoft/Phi-3.5-vision-instruct's config.json (but _name_or_path and _attn_implementation).
 OFFICIAL_KEYS = {

@@ -1,10 +1,11 @@
-"""Write a tiny Phi-3.5-vision checkpoint folder, laid out like the official one, offline and in seconds.
+"""Write a tiny checkpoint folder of either family, laid out like the official one, offline and in seconds.
 (``python -m phi3v.tiny`` writes one.)
 
-The folder holds ``config.json`` (official keys, small sizes, the real LongRoPE switch at 4096 tokens),
-``generation_config.json``, ``model.safetensors`` (random weights), a small BPE tokenizer with the
-Phi-3 special tokens, their official ids' order and flags and the official chat template, and the
-processor configuration. It loads through exactly the code path of the official checkpoint.
+The folder holds ``config.json`` (the family's official keys, small sizes, the real LongRoPE switch at 4096
+tokens), ``generation_config.json`` where the family's folder has one, ``model.safetensors`` (random weights), a
+small BPE tokenizer with the Phi-3 special tokens, their official ids' order and flags and the official chat
+template, and the family's processor configuration. It loads through exactly the code path of the official
+checkpoint. The remote-code files are not written, so neither are the ``auto_map`` entries that would name them.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from .configuration import Phi3VConfig
+from .families import PHI_3_5_VISION, PHI_3_VISION_128K, Family, official_config
 from .modeling import Phi3VForCausalLM
 from .processing import CLIP_MEAN, CLIP_STD
 
@@ -93,9 +95,9 @@ def build_tokenizer(vocab_size: int = 512) -> Tokenizer:
     return tokenizer
 
 
-def _tokenizer_config() -> dict:
-    """tokenizer_config.json with the official keys (added_tokens_decoder is derived by transformers)."""
-    return {
+def _tokenizer_config(family: Family) -> dict:
+    """tokenizer_config.json with the family's keys (added_tokens_decoder is derived by transformers)."""
+    config = {
         "add_bos_token": True,
         "add_eos_token": False,
         "additional_special_tokens": ["<|system|>", "<|end|>", "<|user|>", "<|end|>"],
@@ -113,11 +115,24 @@ def _tokenizer_config() -> dict:
         "unk_token": "<unk>",
         "use_default_system_prompt": False,
     }
+    if "processor_class" not in family.tokenizer_config_extras:
+        del config["processor_class"]
+    return config
 
 
-def tiny_config(vocab_size: int, pad_token_id: int, crop_size: int, patch_size: int) -> Phi3VConfig:
-    """A Phi3VConfig with official keys and geometry rules, but a 2-layer decoder and 3-layer CLIP."""
+# LongRoPE factors per family: made up (the official lists are for 96-wide heads), but different, as theirs are.
+TINY_ROPE_FACTORS = {
+    PHI_3_5_VISION.name: lambda i: (1.0 + 0.25 * i, 2.0 + 8.0 * i),
+    PHI_3_VISION_128K.name: lambda i: (1.0 + 0.1 * i, 1.5 + 4.0 * i),
+}
+
+
+def tiny_config(
+    vocab_size: int, pad_token_id: int, crop_size: int, patch_size: int, family: Family = PHI_3_5_VISION
+) -> Phi3VConfig:
+    """A Phi3VConfig of ``family`` with official keys and geometry rules, but a 2-layer decoder and 3-layer CLIP."""
     head_dim = 16
+    factors = [TINY_ROPE_FACTORS[family.name](i) for i in range(head_dim // 2)]
     return Phi3VConfig(
         vocab_size=vocab_size,
         hidden_size=64,
@@ -129,11 +144,11 @@ def tiny_config(vocab_size: int, pad_token_id: int, crop_size: int, patch_size: 
         original_max_position_embeddings=4096,
         rope_scaling={
             "type": "su",
-            "short_factor": [1.0 + 0.25 * i for i in range(head_dim // 2)],
-            "long_factor": [2.0 + 8.0 * i for i in range(head_dim // 2)],
+            "short_factor": [short for short, _ in factors],
+            "long_factor": [long for _, long in factors],
         },
         rope_theta=10000.0,
-        sliding_window=262144,
+        sliding_window=family.sliding_window,
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=pad_token_id,
@@ -158,22 +173,32 @@ def tiny_config(vocab_size: int, pad_token_id: int, crop_size: int, patch_size: 
 
 
 def write_tiny_checkpoint(
-    out: str | Path, crop_size: int = 336, patch_size: int = 14, num_crops: int = 4, seed: int = 0
+    out: str | Path,
+    crop_size: int = 336,
+    patch_size: int = 14,
+    num_crops: int | None = None,
+    seed: int = 0,
+    family: Family = PHI_3_5_VISION,
 ) -> Path:
-    """Write the tiny checkpoint folder and return its path."""
+    """Write the tiny checkpoint folder of ``family`` (``num_crops``: the processor's default, else the family's)
+    and return its path."""
     if crop_size % (2 * patch_size):
         raise ValueError(f"crop_size ({crop_size}) must be a multiple of 2 * patch_size ({2 * patch_size}).")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
     tokenizer.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config(), indent=2) + "\n")
+    (out / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config(family), indent=2) + "\n")
 
     vocab_size = -(-tokenizer.get_vocab_size() // 64) * 64  # rows padded to a multiple of 64, as 32064
-    config = tiny_config(vocab_size, tokenizer.token_to_id("<|endoftext|>"), crop_size, patch_size)
+    config = tiny_config(vocab_size, tokenizer.token_to_id("<|endoftext|>"), crop_size, patch_size, family)
     torch.manual_seed(seed)
     model = Phi3VForCausalLM(config)
     model.save_pretrained(out)  # config.json, generation_config.json, model.safetensors
+    written = {key: value for key, value in official_config(config, "float32").items() if key != "auto_map"}
+    (out / "config.json").write_text(json.dumps(written, indent=2) + "\n")
+    if not family.has_generation_config:
+        (out / "generation_config.json").unlink()
 
     processor_files = {
         "preprocessor_config.json": {
@@ -181,13 +206,15 @@ def write_tiny_checkpoint(
             "image_mean": list(CLIP_MEAN),
             "image_std": list(CLIP_STD),
             "image_processor_type": "Phi3VImageProcessor",
-            "num_crops": num_crops,
+            "num_crops": num_crops if num_crops is not None else family.num_crops,
             "num_img_tokens": config.num_img_tokens,
             "crop_size": crop_size,
             "processor_class": "Phi3VProcessor",
         },
-        "processor_config.json": {"processor_class": "Phi3VProcessor"},
     }
+    if family.has_processor_config:
+        processor_files["processor_config.json"] = {"processor_class": "Phi3VProcessor"}
     for name, content in processor_files.items():
+        content = family.official(name, content)
         (out / name).write_text(json.dumps(content, indent=2) + "\n")
     return out

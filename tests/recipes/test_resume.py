@@ -58,6 +58,12 @@ EVALUATING = ["--eval_steps", "4", "--max_eval_samples", "3", "--save_best", "--
 MODES["lora_eval"] = (MODES["lora"][0] + EVALUATING, 2)
 MODES["full_zero2_eval"] = (MODES["full_zero2"][0] + EVALUATING, 2)
 
+# DoRA adapters with rsLoRA scaling, CLIP and the projector at their own learning rates (the run's is 1e-3)
+MODES["dora_rslora_part_lrs"] = (
+    MODES["lora"][0] + ["--use_dora", "--use_rslora", "--vision_lr", "3e-3", "--projector_lr", "2e-3"],
+    2,
+)
+
 KILLED_AFTER = {"lora_grouped": 8}  # the checkpoint after which a mode is killed (default 4, mid first epoch)
 
 
@@ -139,6 +145,10 @@ def test_sigkill_then_resume_latest_equals_the_uninterrupted_run(mode, tiny_dir,
     assert "Resuming from" in result.stderr and "not redone" in result.stderr  # the evaluation before training
     if "--group_by_length" in flags:
         assert "--group_by_length: micro-batches of 2 samples of similar length" in result.stderr
+    if "--vision_lr" in flags:  # each part's rate came back with the optimizer state
+        optimizer = torch.load(output_dir / f"checkpoint-{MAX_STEPS}" / "optimizer.pt", weights_only=False)
+        rates = {group["part"]: group["initial_lr"] for group in optimizer["param_groups"]}
+        assert rates == {"language": 1e-3, "vision": 3e-3, "projector": 2e-3}
     assert_same_run(output_dir, uninterrupted(mode))
 
 
