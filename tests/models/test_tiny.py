@@ -128,3 +128,37 @@ def test_bad_geometry_is_refused(tmp_path):
 
     with pytest.raises(ValueError, match="multiple of 2"):
         write_tiny_checkpoint(tmp_path / "t", crop_size=50, patch_size=14)
+
+
+def test_a_servable_checkpoint_has_the_shapes_vllm_hard_codes(tmp_path, tiny_dir):
+    """--servable: CLIP ViT-L/14-336, the official token ids (<|image|> 32044), 32-wide heads; the filler pieces
+    before the special tokens are never produced, so text encodes as with the tiny tokenizer."""
+    from phi3v.models.tiny import write_tiny_checkpoint
+
+    folder = write_tiny_checkpoint(tmp_path / "servable", servable=True)
+    config = AutoConfig.from_pretrained(folder)
+    clip = config.clip_vision_config()
+    assert (clip.hidden_size, clip.num_hidden_layers, clip.image_size, clip.patch_size) == (1024, 24, 336, 14)
+    assert config.hidden_size // config.num_attention_heads == 32 and config.vocab_size == 32064
+    tokenizer = AutoProcessor.from_pretrained(folder).tokenizer
+    ids = tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|assistant|>", "<|end|>", "<|user|>", "<|image|>"])
+    assert ids == [32000, 32001, 32007, 32010, 32044]
+    text = "<|user|>\n<|image_1|>\nWhat colour is the shape?<|end|>\n<|assistant|>\n"
+    small = AutoProcessor.from_pretrained(tiny_dir).tokenizer
+    assert tokenizer.convert_ids_to_tokens(tokenizer(text).input_ids) == small.convert_ids_to_tokens(
+        small(text).input_ids
+    )
+    with pytest.raises(ValueError, match="crop_size 336"):
+        write_tiny_checkpoint(tmp_path / "other", crop_size=56, servable=True)
+
+
+def test_the_processor_answers_the_official_processors_questions(tiny_dir_336):
+    """img_tokens and calc_num_image_tokens_from_image_size, which servers such as vLLM call on the official
+    processor: the tags, and the placeholder count the processor then writes."""
+    processor = AutoProcessor.from_pretrained(tiny_dir_336)
+    assert processor.img_tokens[:3] == ["<|image_1|>", "<|image_2|>", "<|image_3|>"]
+    for size in ((1000, 700), (300, 1200), (336, 336)):
+        inputs = processor("<|user|>\n<|image_1|>\nWhat is it?<|end|>\n<|assistant|>\n", [Image.new("RGB", size)])
+        count = int((inputs["input_ids"] == -1).sum())
+        assert processor.calc_num_image_tokens_from_image_size(*size) == count
+        assert processor.image_processor.calc_num_image_tokens_from_image_size(*size) == count
