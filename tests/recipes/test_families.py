@@ -1,6 +1,6 @@
 """The recipes on a tiny Phi-3-vision-128k checkpoint (``python -m phi3v.tiny --like phi-3-vision-128k-instruct``):
-LoRA with DoRA, exported in that family's official layout with official tensor names only; full finetuning on
-ZeRO-2 over 2 ranks with a learning rate per part."""
+LoRA with DoRA (and rsLoRA), exported in that family's official layout with official tensor names only; full
+finetuning on ZeRO-2 over 2 ranks with a learning rate per part."""
 
 from __future__ import annotations
 
@@ -39,11 +39,13 @@ def exported_names(folder: Path) -> set[str]:
     return names
 
 
-def test_lora_with_dora_trains_and_exports_in_the_128k_layout(tiny_128k, data, tmp_path):
+@pytest.mark.parametrize("variant", [["--use_dora"], ["--use_dora", "--use_rslora"]], ids=["dora", "dora_rslora"])
+def test_lora_with_dora_trains_and_exports_in_the_128k_layout(tiny_128k, data, tmp_path, variant):
     run, out = tmp_path / "run", tmp_path / "export"
-    flags = ["--dataset_name_or_path", str(data["docvqa"]), "--use_lora", "--use_dora", "--lora_rank", "8"]
+    flags = ["--dataset_name_or_path", str(data["docvqa"]), "--use_lora", *variant, "--lora_rank", "8"]
     launch(SCRIPT, common_flags(tiny_128k, run) + flags)
-    assert json.loads((run / "adapter_config.json").read_text())["use_dora"] is True
+    adapter_config = json.loads((run / "adapter_config.json").read_text())
+    assert adapter_config["use_dora"] is True and adapter_config["use_rslora"] is ("--use_rslora" in variant)
     adapters = load_file(run / "adapter_model.safetensors")
     assert [name for name in adapters if "lora_magnitude_vector" in name]
     printed = io.StringIO()
