@@ -113,7 +113,9 @@ def phi3v_answer(export: Path, image: Path) -> dict:
                                      return_dict_in_generate=True, eos_token_id=processor.stop_token_ids)  # fmt: skip
     new = out.sequences[0, inputs["input_ids"].shape[1] :].tolist()
     logprobs = [torch.log_softmax(scores[0].float(), -1)[token].item() for scores, token in zip(out.scores, new)]
-    return {"ids": new, "text": processor.tokenizer.decode(new, skip_special_tokens=True), "logprobs": logprobs}
+    tokens = [processor.tokenizer.decode([token]) for token in new]  # each token as vLLM's log-probabilities name it
+    text = processor.tokenizer.decode(new, skip_special_tokens=True)
+    return {"ids": new, "tokens": tokens, "text": text, "logprobs": logprobs}
 
 
 def free_port() -> int:
@@ -209,6 +211,11 @@ def client(port: str, model: str, image: str) -> None:
 
 def compare(served: dict, ours: dict) -> None:
     check("vLLM answered", bool(served["tokens"]), repr(served["text"]))
+    check(
+        "the same tokens as phi3v",
+        served["tokens"] == ours["tokens"],
+        f"vLLM {served['tokens']}, phi3v {ours['tokens']}",
+    )
     check("the same answer as phi3v.predict", served["text"].strip() == ours["text"].strip(),
           f"vLLM {served['text']!r}, phi3v {ours['text']!r}")  # fmt: skip
     check("the same number of tokens", len(served["logprobs"]) == len(ours["logprobs"]),
@@ -227,6 +234,8 @@ def main() -> int:
     parser.add_argument("--vllm_python", default=str(REPO / ".venv-vllm" / "bin" / "python"))
     parser.add_argument("--work", help="folder for the checkpoint, run, export and logs (default: a new temporary one)")
     args = parser.parse_args()
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # a signal ends the check through `finally`, which stops the server
+        signal.signal(sig, lambda number, frame: sys.exit(128 + number))
     work = Path(args.work or tempfile.mkdtemp(prefix="serve-check-"))
     work.mkdir(parents=True, exist_ok=True)
     server, started = None, time.monotonic()
@@ -237,7 +246,7 @@ def main() -> int:
         server = start_server(args.vllm_python, export, port, work / "vllm.log")
         check("the vLLM server is ready", True, f"{wait_until_ready(server, port, work / 'vllm.log'):.0f} s")
         compare(ask_server(args.vllm_python, port, export, image), ours)
-    except (CheckFailed, subprocess.TimeoutExpired) as failure:
+    except (CheckFailed, subprocess.TimeoutExpired, OSError, ValueError, IndexError, KeyError) as failure:
         print(f"serving: FAILED ({failure}; files in {work})")
         return 1
     finally:

@@ -194,6 +194,14 @@ class RecipeArguments:
             self.deepspeed = ""
         elif not self.use_lora:
             self.deepspeed = str(_find_config(self.deepspeed))
+            self._check_deepspeed_optimizer()
+
+    def _check_deepspeed_optimizer(self) -> None:
+        """Per-part rates are groups of the Trainer's optimizer, which a DeepSpeed "optimizer" section replaces."""
+        rates = [f"--{name}" for name in ("vision_lr", "projector_lr") if getattr(self, name) is not None]
+        if rates and "optimizer" in json.loads(Path(self.deepspeed).read_text()):
+            raise ValueError(f"{' and '.join(rates)} set groups of the Trainer's optimizer, but --deepspeed "
+                             f"{self.deepspeed} defines its own (an \"optimizer\" section): remove one.")  # fmt: skip
 
     def _check_evaluation_during_training(self) -> None:
         if self.early_stopping_threshold < 0:

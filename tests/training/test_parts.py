@@ -3,6 +3,8 @@ each part in the Trainer's optimizer and schedule, DoRA and rsLoRA adapters, and
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from peft.tuners.lora import LoraLayer
 
@@ -171,3 +173,14 @@ def test_dora_and_rslora_adapters(model, variant):
     else:
         assert not magnitudes
         assert all(layer.scaling["default"] == pytest.approx(8 / 4**0.5) for layer in layers)
+
+
+def test_per_part_rates_with_a_deepspeed_optimizer_section_are_refused(tmp_path, capsys):
+    """DeepSpeed builds its own optimizer from an "optimizer" section, which would drop the parts' groups."""
+    config = tmp_path / "zero2_adam.json"
+    config.write_text(json.dumps({"zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW", "params": {}}}))
+    with pytest.raises(SystemExit):
+        parse_args(RecipeArguments, ["--deepspeed", str(config), "--vision_lr", "1e-4"])
+    assert 'defines its own (an "optimizer" section)' in capsys.readouterr().err
+    assert parse_args(RecipeArguments, ["--deepspeed", str(config)]).deepspeed == str(config.resolve())
+    assert parse_args(RecipeArguments, ["--deepspeed", str(config), "--vision_lr", "1e-4", "--use_lora"]).use_lora
