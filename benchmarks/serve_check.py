@@ -48,9 +48,10 @@ STAND_INS = {
 
 
 def check(name: str, ok: bool, detail: str = "") -> None:
-    print(f"{'ok  ' if ok else 'FAIL'} {name}{': ' + detail if detail else ''}", flush=True)
+    line = f"{name}: {detail}" if detail else name
+    print(f"{'ok  ' if ok else 'FAIL'} {line}", flush=True)
     if not ok:
-        raise CheckFailed(f"{name}{': ' + detail if detail else ''}")
+        raise CheckFailed(line)
 
 
 class CheckFailed(Exception):

@@ -33,7 +33,7 @@ class Family:
     absent_keys: dict[str, dict] = field(default_factory=dict)
     has_processor_config: bool = True  # processor_config.json in the official folder
     has_generation_config: bool = True
-    tokenizer_config_extras: dict = field(default_factory=dict)  # what its tokenizer_config.json adds
+    tokenizer_names_processor: bool = True  # its tokenizer_config.json has "processor_class"
 
     def official(self, filename: str, written: dict) -> dict:
         """``written`` without the keys the family's ``filename`` leaves out; such a key stays when its value is
@@ -55,10 +55,6 @@ PHI_3_5_VISION = Family(
     num_crops=4,
     remote_code=("configuration_phi3_v.py", "modeling_phi3_v.py", "processing_phi3_v.py"),
     image_processor_module="processing_phi3_v",
-    tokenizer_config_extras={
-        "auto_map": {"AutoProcessor": "processing_phi3_v.Phi3VProcessor"},
-        "processor_class": "Phi3VProcessor",
-    },  # fmt: skip
 )
 PHI_3_VISION_128K = Family(
     name="phi-3-vision-128k-instruct",
@@ -79,6 +75,7 @@ PHI_3_VISION_128K = Family(
     },
     has_processor_config=False,
     has_generation_config=False,
+    tokenizer_names_processor=False,
 )
 FAMILIES = {family.name: family for family in (PHI_3_5_VISION, PHI_3_VISION_128K)}
 

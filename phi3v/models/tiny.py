@@ -121,7 +121,7 @@ def _tokenizer_config(family: Family) -> dict:
         "unk_token": "<unk>",
         "use_default_system_prompt": False,
     }
-    if "processor_class" not in family.tokenizer_config_extras:
+    if not family.tokenizer_names_processor:
         del config["processor_class"]
     return config
 
