@@ -39,6 +39,8 @@ QUESTION = "What is written in the image?"
 MAX_TOKENS = 8
 LOGPROB_TOLERANCE = 1e-4
 READY_TIMEOUT_S = 600
+NEEDED_DISK_BYTES = 5 * 10**9  # the servable checkpoint and the fp32 export are 1.24 GB each, vLLM's caches
+LOG_TAIL_LINES = 15
 
 # In place of the official remote code, which vLLM imports with --trust-remote-code.
 STAND_INS = {
@@ -58,13 +60,27 @@ class CheckFailed(Exception):
     pass
 
 
+def failed_with_log(what: str, log: Path) -> CheckFailed:
+    """The failure with the end of the step's log, so that a CI run's output says why."""
+    lines = log.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:] if log.is_file() else []
+    ending = "".join(f"\n  | {line}" for line in lines)
+    return CheckFailed(f"{what} (log: {log}; its last lines follow){ending}\n")
+
+
+def require_disk_space(work: Path) -> None:
+    free = shutil.disk_usage(work).free
+    if free < NEEDED_DISK_BYTES:
+        raise CheckFailed(f"the disk holding {work} has {free / 1e9:.1f} GB free and the check needs "
+                          f"{NEEDED_DISK_BYTES / 1e9:.0f} GB: free space, or pass --work on another disk")  # fmt: skip
+
+
 def run(command: list[str], log: Path, timeout: int = 1200) -> None:
     """A step of the check in the project's environment; its output goes to ``log``."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     with log.open("w") as out:
         result = subprocess.run(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=timeout)
     if result.returncode:
-        raise CheckFailed(f"{' '.join(command[1:4])} ... exited with {result.returncode} (log: {log})")
+        raise failed_with_log(f"{' '.join(command[1:4])} ... exited with {result.returncode}", log)
 
 
 def prepare_export(work: Path) -> tuple[Path, Path]:
@@ -138,7 +154,7 @@ def wait_until_ready(server: subprocess.Popen, port: int, log: Path) -> float:
     start = time.monotonic()
     while time.monotonic() - start < READY_TIMEOUT_S:
         if server.poll() is not None:
-            raise CheckFailed(f"the vLLM server exited with {server.returncode} while starting (log: {log})")
+            raise failed_with_log(f"the vLLM server exited with {server.returncode} while starting", log)
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
                 if response.status == 200:
@@ -146,7 +162,7 @@ def wait_until_ready(server: subprocess.Popen, port: int, log: Path) -> float:
         except OSError:
             pass
         time.sleep(2)
-    raise CheckFailed(f"the vLLM server was not ready after {READY_TIMEOUT_S} s (log: {log})")
+    raise failed_with_log(f"the vLLM server was not ready after {READY_TIMEOUT_S} s", log)
 
 
 def living_members(group: int) -> list[int]:
@@ -241,6 +257,7 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     server, started = None, time.monotonic()
     try:
+        require_disk_space(work)
         export, image = prepare_export(work)
         ours = phi3v_answer(export, image)
         port = free_port()

@@ -7,6 +7,7 @@ The message names what is wrong, where (flag, file, line, row) and what to do.
 
 from __future__ import annotations
 
+import errno
 import functools
 import sys
 from collections.abc import Callable
@@ -36,3 +37,9 @@ def command(main: Callable[..., int | None]) -> Callable[..., int]:
             return 1
 
     return run
+
+
+def no_space_left(error: BaseException) -> bool:
+    """The error says the disk is full (safetensors reports it in its own error type, with the OS error in the
+    message)."""
+    return getattr(error, "errno", None) == errno.ENOSPC or "No space left on device" in str(error)

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from .data.conversation import Conversation, Turn
 from .data.samples import encode_conversation
-from .errors import RecipeError
+from .errors import RecipeError, no_space_left
 from .hub import HUB_ID, require_folder
 from .inference import Trained, load_trained, run_base_model
 from .models.families import Family, family_of, official_config
@@ -32,6 +32,11 @@ logger = logging.getLogger(__name__)
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 MAX_SHARD_BYTES = 5 * 1024**3  # the official checkpoint's shards are 4.94 GB and 3.35 GB
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
+SMALL_FILES_BYTES = 1024**2  # config and processor files, remote code (the official five are 120 kB)
+_SPACE_ADVICE = (
+    "Free space there, or pick an --out on another disk (an --overwrite replaces the old folder only once "
+    "the new one is written)."
+)
 LEFTOVERS = re.compile(r"lora_|base_layer|modules_to_save|absmax|quant_map|quant_state|nested_")
 
 
@@ -57,8 +62,11 @@ def export(
     partial.mkdir()
     try:
         difference = _export(model_dir, partial, out, base, dtype, weights, num_crops)
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(partial, ignore_errors=True)
+        if no_space_left(error):
+            raise RecipeError(f"The disk holding --out {out} filled up while the export was written ({error}); "
+                              f"nothing was left behind. {_SPACE_ADVICE}") from error  # fmt: skip
         raise
     return difference
 
@@ -125,10 +133,12 @@ def _export(
     leftovers = [name for name in weights if LEFTOVERS.search(name)]
     if leftovers:
         raise RuntimeError(f"Merging left adapter or quantization tensors behind: {leftovers[:5]}")
+    tokenizer_files = _tokenizer_files(trained, model_dir)
+    _require_space(weights, tokenizer_files, partial, out)
     _write_shards(weights, partial)
     (partial / "config.json").write_text(json.dumps(official_config(model.config, dtype), indent=2) + "\n")
     _write_generation_config(model, trained.processor, partial)
-    _write_processor_files(trained, family_of(model.config), model_dir, partial, out)
+    _write_processor_files(trained, family_of(model.config), tokenizer_files, partial, out)
     if out.is_dir():
         shutil.rmtree(out)  # what --overwrite replaces (an empty folder otherwise)
     elif out.exists():
@@ -141,6 +151,21 @@ def _export(
     print(f"Exported {trained.kind} run {model_dir}{which} to {out} ({dtype}, {len(weights)} tensors).")
     print(f"Largest logit difference from the run on an image-and-text sample: {difference:.3g}")
     return difference
+
+
+def _require_space(weights: dict[str, torch.Tensor], tokenizer_files: list[Path], partial: Path, out: Path) -> None:
+    """Refuse, before a byte is written, an export that does not fit on the disk that will hold --out (the folder
+    it replaces is removed only once the new one is complete)."""
+    needed = sum(tensor.numel() * tensor.element_size() for tensor in weights.values())
+    needed += sum(file.stat().st_size for file in tokenizer_files) + SMALL_FILES_BYTES
+    free = shutil.disk_usage(partial).free
+    if free < needed:
+        raise RecipeError(f"The export needs {_size(needed)} and the disk holding --out {out} has {_size(free)} "
+                          f"free. {_SPACE_ADVICE}")  # fmt: skip
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.1f} MB"
 
 
 def _write_shards(weights: dict[str, torch.Tensor], out: Path) -> None:
@@ -174,14 +199,24 @@ def _write_generation_config(model, processor, out: Path) -> None:
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
 
 
-def _write_processor_files(trained: Trained, family: Family, model_dir: Path, out: Path, final: Path) -> None:
-    """Tokenizer files from a local base folder (the official ones) or the run; processor configs in the
-    format of the model's family with the run's num_crops; the family's remote code."""
-    base = Path(trained.base) if trained.base and Path(trained.base).is_dir() else None
+def _local_base(trained: Trained) -> Path | None:
+    return Path(trained.base) if trained.base and Path(trained.base).is_dir() else None
+
+
+def _tokenizer_files(trained: Trained, model_dir: Path) -> list[Path]:
+    """The tokenizer files the export copies: a local base folder's (the official ones), else the run's."""
+    base = _local_base(trained)
     source = base if base is not None and (base / "tokenizer_config.json").is_file() else model_dir
-    for name in TOKENIZER_FILES:
-        if (source / name).is_file():
-            shutil.copyfile(source / name, out / name)
+    return [source / name for name in TOKENIZER_FILES if (source / name).is_file()]
+
+
+def _write_processor_files(
+    trained: Trained, family: Family, tokenizer_files: list[Path], out: Path, final: Path
+) -> None:
+    """The tokenizer files; processor configs in the format of the model's family with the run's num_crops; the
+    family's remote code."""
+    for file in tokenizer_files:
+        shutil.copyfile(file, out / file.name)
     image_processor = trained.processor.image_processor
     preprocessor = {
         "auto_map": family.processor_auto_map(),
@@ -201,7 +236,7 @@ def _write_processor_files(trained: Trained, family: Family, model_dir: Path, ou
         processor = {"auto_map": {"AutoProcessor": family.processor_auto_map()["AutoProcessor"]},
                      "processor_class": "Phi3VProcessor"}  # fmt: skip
         (out / "processor_config.json").write_text(json.dumps(processor) + "\n")
-    _write_remote_code(family, trained.base, base, out, final)
+    _write_remote_code(family, trained.base, _local_base(trained), out, final)
 
 
 def _write_remote_code(family: Family, named_base: str | None, base: Path | None, out: Path, final: Path) -> None:

@@ -7,6 +7,8 @@ import contextlib
 import io
 import json
 import os
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -149,3 +151,16 @@ def tiny_processor(tiny_dir):
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)
+
+
+@contextlib.contextmanager
+def mounted_small_disk(folder: Path, size: str) -> Iterator[Path]:
+    """A real disk of ``size`` (a tmpfs, "16m") at ``folder``, where this machine lets the tests mount one."""
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)

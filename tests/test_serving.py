@@ -1,5 +1,5 @@
 """The serving check (benchmarks/serve_check.py, which CI runs as `make serve-check` after the tests): its server
-is always stopped, whole."""
+is always stopped, whole; a failure says why in the check's own output."""
 
 from __future__ import annotations
 
@@ -7,10 +7,12 @@ import subprocess
 import sys
 import time
 
-from tests.conftest import REPO
+import pytest
+
+from tests.conftest import REPO, mounted_small_disk
 
 sys.path.insert(0, str(REPO / "benchmarks"))
-from serve_check import living_members, stop_server  # noqa: E402
+from serve_check import LOG_TAIL_LINES, CheckFailed, living_members, run, stop_server  # noqa: E402
 
 # A stand-in server whose worker ignores SIGTERM, as a stuck engine process would.
 STUBBORN = (
@@ -27,3 +29,23 @@ def test_the_server_and_its_workers_are_stopped_even_when_they_ignore_sigterm():
     assert len(living_members(server.pid)) == 2
     stop_server(server, grace_s=1)
     assert server.poll() is not None and not living_members(server.pid)
+
+
+def test_a_failed_step_shows_the_end_of_its_log(tmp_path):
+    """CI shows only the check's output, not its logs: the failure carries the log's last lines."""
+    noisy = "for n in range(40): print('line', n)\nraise SystemExit('the reason it failed')"
+    with pytest.raises(CheckFailed) as failed:
+        run([sys.executable, "-c", noisy], tmp_path / "step.log")
+    message = str(failed.value)
+    assert "exited with 1" in message and "the reason it failed" in message
+    assert f"line {39 - LOG_TAIL_LINES + 2}" in message and f"line {39 - LOG_TAIL_LINES}\n" not in message
+
+
+def test_a_disk_without_room_for_the_check_is_named_before_anything_is_written(tmp_path):
+    with mounted_small_disk(tmp_path / "disk", "8m") as disk:
+        ended = subprocess.run([sys.executable, str(REPO / "benchmarks" / "serve_check.py"), "--work", str(disk)],
+                               capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert list(disk.iterdir()) == []
+    assert ended.returncode == 1
+    last = ended.stdout.strip().splitlines()[-1]
+    assert last.startswith(f"serving: FAILED (the disk holding {disk} has 0.0 GB free") and "--work" in last

@@ -14,7 +14,6 @@ Whatever goes wrong while loading, training, saving or evaluating:
 from __future__ import annotations
 
 import atexit
-import errno
 import logging
 import multiprocessing
 import os
@@ -29,7 +28,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from ..errors import RecipeError, SharedError, user_error_message
+from ..errors import RecipeError, SharedError, no_space_left, user_error_message
 from .checkpoints import newest_complete
 
 logger = logging.getLogger("phi3v")
@@ -143,8 +142,7 @@ def error_text(error: BaseException) -> str:
 
 def disk_full(error: BaseException, progress: RunProgress) -> bool:
     """The error is, or while writing looks like, a full disk (torch.save then only says "iostream error")."""
-    # safetensors reports it in its own error type, with the OS error in the message
-    if getattr(error, "errno", None) == errno.ENOSPC or "No space left on device" in str(error):
+    if no_space_left(error):
         return True
     writing = progress.writing is not None or progress.phase.startswith(SAVING)
     try:

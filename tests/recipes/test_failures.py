@@ -20,7 +20,7 @@ import pytest
 
 from phi3v.data.synthetic import write_custom, write_docvqa
 from phi3v.training.checkpoints import incompleteness
-from tests.conftest import REPO, flip_bytes
+from tests.conftest import REPO, flip_bytes, mounted_small_disk
 from tests.recipes.conftest import kill_everything, launch, launch_failing, recipe_command, recipe_env, wait_until
 
 DOCVQA = "finetune_hf_trainer_docvqa.py"
@@ -99,14 +99,9 @@ def test_a_disk_that_fills_while_a_checkpoint_is_written_ends_the_run_within_sec
 
 @pytest.fixture
 def small_disk(tmp_path) -> Path:
-    """A real 16 MB disk (tmpfs), where this machine lets the tests mount one."""
-    folder = tmp_path / "small_disk"
-    folder.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(folder)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
-    yield folder
-    subprocess.run(["umount", "-l", str(folder)], check=False)
+    """A real 16 MB disk."""
+    with mounted_small_disk(tmp_path / "small_disk", "16m") as folder:
+        yield folder
 
 
 def test_a_real_disk_that_fills_up(small_disk, tiny_dir, docvqa, tmp_path):

@@ -21,7 +21,7 @@ from phi3v.inference import ask as ask_model
 from phi3v.inference import load_trained
 from phi3v.predict import main as predict
 from phi3v.runs import main as runs_table
-from tests.conftest import reference_file
+from tests.conftest import mounted_small_disk, reference_file
 from tests.recipes.conftest import launch
 
 DOCVQA = "finetune_hf_trainer_docvqa.py"
@@ -136,12 +136,35 @@ def test_export_never_overwrites_the_run_its_base_or_a_folder_in_use(finished, t
 
 def test_an_interrupted_export_leaves_no_half_written_folder(finished, tmp_path, monkeypatch):
     def fail(*args, **kwargs):
-        raise OSError(28, "No space left on device")
+        raise RuntimeError("interrupted")
 
     monkeypatch.setattr("phi3v.exporting._write_processor_files", fail)  # after the weights were written
-    with pytest.raises(OSError):
+    with pytest.raises(RuntimeError, match="interrupted"):
         export(finished["lora"], tmp_path / "export")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_export_that_does_not_fit_on_its_disk_is_refused_before_writing(finished, tmp_path):
+    """The float32 tiny export (1.34 MB of weights, 1.4 MB in all) on a real 2 MB disk that would hold it but for
+    the weights: refused up front with what it needs and what is free, nothing written."""
+    with mounted_small_disk(tmp_path / "disk", "2m") as disk:
+        with pytest.raises(RecipeError) as refused:
+            export(finished["lora"], disk / "export", dtype="float32")
+        assert list(disk.iterdir()) == []
+    needs, free = re.search(r"The export needs ([\d.]+) MB and the disk holding --out \S+ has ([\d.]+) MB free",
+                            str(refused.value)).groups()  # fmt: skip
+    assert float(free) <= 2.1 < float(needs)
+    assert "another disk" in str(refused.value)
+
+
+def test_a_disk_that_fills_while_an_export_is_written_ends_it_with_a_message(finished, tmp_path, monkeypatch):
+    """The up-front check skipped: the weights meet a real full disk (safetensors' own error type) and the export
+    ends with our message, leaving nothing behind."""
+    monkeypatch.setattr("phi3v.exporting._require_space", lambda *args: None)
+    with mounted_small_disk(tmp_path / "disk", "1m") as disk:
+        with pytest.raises(RecipeError, match=r"The disk holding --out \S+ filled up .*No space left on device"):
+            export(finished["lora"], disk / "export", dtype="float32")
+        assert list(disk.iterdir()) == []
 
 
 def moved_base_run(finished: dict[str, Path], tmp_path: Path) -> Path:
