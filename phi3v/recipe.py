@@ -69,6 +69,7 @@ def run_recipe(task: Task, args: RecipeArguments) -> dict[str, float | None]:
         exit_within(EXIT_DEADLINE_S, 1)
         if reported_here(error, progress, state.is_main_process):
             report_failure(error, progress, args.output_dir, state.process_index)
+        stop_request.reported()
         end_child_processes()
         sys.exit(1)
     finally:

@@ -32,6 +32,7 @@ class StopRequest:
         self.signal: int | None = None
         self.stopped_at_step: int | None = None  # set when training stopped for it, with a checkpoint
         self.failed = False  # the run failed: nothing is left to finish, a signal ends the process at once
+        self.reporting = False  # ... but not before the failure's message is written
         self._received_at = 0.0
 
     def install(self) -> StopRequest:
@@ -48,11 +49,20 @@ class StopRequest:
         return 128 + (self.signal or 0)  # the shell's convention for "ended by signal N"
 
     def abandon(self) -> None:
-        """The run failed: from now on a stop signal ends the process at once (no step will finish)."""
-        self.failed = True
+        """The run failed and its message is being written: a stop signal waits for it. torchrun stops every rank
+        the moment one exits, which would otherwise cut short the other ranks' lines (the process exits right
+        after them, and within EXIT_DEADLINE_S in any case)."""
+        self.failed = self.reporting = True
+
+    def reported(self) -> None:
+        """The failure's message is written: from now on a stop signal ends the process at once (no step will
+        finish, and the cleanup left may hang)."""
+        self.reporting = False
 
     def _handle(self, number: int, frame) -> None:
         now = time.monotonic()
+        if self.reporting:
+            return
         if self.failed:
             os.write(2, f"\n{signal.Signals(number).name} received while the run stops after an error: exiting "
                         "now.\n".encode())  # fmt: skip

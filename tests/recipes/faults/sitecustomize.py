@@ -7,6 +7,8 @@ PHI3V_FAULT_DISK_FULL_AT_SAVE=N: the N-th safetensors file this process writes (
 adapter) fails as on a full disk: half of it is written, then OSError(ENOSPC).
 PHI3V_FAULT_HANG_WRITING=SUFFIX: the process hangs for good when torch.save writes a file whose path ends
 with SUFFIX (checkpoint-2/rng_state_1.pth: rank 1, writing its part of the second checkpoint).
+PHI3V_FAULT_SLOW_PEER_REPORT=SECONDS: a rank other than 0 takes SECONDS to write that it stops because another
+process died, as on a loaded machine (torchrun's SIGTERM to it then comes first).
 """
 
 import os
@@ -50,3 +52,15 @@ if os.environ.get("PHI3V_FAULT_HANG_WRITING"):
         return _torch_save(obj, f, *args, **kwargs)
 
     torch.save = _save_or_hang
+
+if os.environ.get("PHI3V_FAULT_SLOW_PEER_REPORT") and os.environ.get("RANK", "0") != "0":
+    import logging
+
+    _error = logging.Logger.error
+
+    def _slow_peer_report(self, msg, *args, **kwargs):
+        if str(msg).startswith("Rank %d stops"):
+            time.sleep(float(os.environ["PHI3V_FAULT_SLOW_PEER_REPORT"]))
+        return _error(self, msg, *args, **kwargs)
+
+    logging.Logger.error = _slow_peer_report
