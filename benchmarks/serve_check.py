@@ -57,14 +57,16 @@ def check(name: str, ok: bool, detail: str = "") -> None:
 
 
 class CheckFailed(Exception):
-    pass
+    def __init__(self, message: str, log_tail: list[str] | None = None):
+        super().__init__(message)
+        self.log_tail = log_tail or []
 
 
 def failed_with_log(what: str, log: Path) -> CheckFailed:
-    """The failure with the end of the step's log, so that a CI run's output says why."""
+    """The failure with the end of the step's log, which main prints above its last line: CI shows only the
+    check's output."""
     lines = log.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:] if log.is_file() else []
-    ending = "".join(f"\n  | {line}" for line in lines)
-    return CheckFailed(f"{what} (log: {log}; its last lines follow){ending}\n")
+    return CheckFailed(f"{what} (log: {log}, whose last lines are above)", lines)
 
 
 def require_disk_space(work: Path) -> None:
@@ -265,6 +267,8 @@ def main() -> int:
         check("the vLLM server is ready", True, f"{wait_until_ready(server, port, work / 'vllm.log'):.0f} s")
         compare(ask_server(args.vllm_python, port, export, image), ours)
     except (CheckFailed, subprocess.TimeoutExpired, OSError, ValueError, IndexError, KeyError) as failure:
+        for line in getattr(failure, "log_tail", []):
+            print(f"  | {line}")
         print(f"serving: FAILED ({failure}; files in {work})")
         return 1
     finally:

@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 MAX_SHARD_BYTES = 5 * 1024**3  # the official checkpoint's shards are 4.94 GB and 3.35 GB
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
-SMALL_FILES_BYTES = 1024**2  # config and processor files, remote code (the official five are 120 kB)
+SMALL_FILES_BYTES = 256 * 1024  # configs, the shard index (50 kB for the official model), remote code (120 kB)
 _SPACE_ADVICE = (
     "Free space there, or pick an --out on another disk (an --overwrite replaces the old folder only once "
     "the new one is written)."
@@ -62,11 +62,8 @@ def export(
     partial.mkdir()
     try:
         difference = _export(model_dir, partial, out, base, dtype, weights, num_crops)
-    except BaseException as error:
+    except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
-        if no_space_left(error):
-            raise RecipeError(f"The disk holding --out {out} filled up while the export was written ({error}); "
-                              f"nothing was left behind. {_SPACE_ADVICE}") from error  # fmt: skip
         raise
     return difference
 
@@ -135,10 +132,16 @@ def _export(
         raise RuntimeError(f"Merging left adapter or quantization tensors behind: {leftovers[:5]}")
     tokenizer_files = _tokenizer_files(trained, model_dir)
     _require_space(weights, tokenizer_files, partial, out)
-    _write_shards(weights, partial)
-    (partial / "config.json").write_text(json.dumps(official_config(model.config, dtype), indent=2) + "\n")
-    _write_generation_config(model, trained.processor, partial)
-    _write_processor_files(trained, family_of(model.config), tokenizer_files, partial, out)
+    try:
+        _write_shards(weights, partial)
+        (partial / "config.json").write_text(json.dumps(official_config(model.config, dtype), indent=2) + "\n")
+        _write_generation_config(model, trained.processor, partial)
+        _write_processor_files(trained, family_of(model.config), tokenizer_files, partial, out)
+    except Exception as error:  # safetensors' own error type, or an OSError (a hub fetch failing is a warning)
+        if no_space_left(error):
+            raise RecipeError(f"The disk holding --out {out} filled up while the export was written ({error}); "
+                              f"nothing was left behind. {_SPACE_ADVICE}") from error  # fmt: skip
+        raise
     if out.is_dir():
         shutil.rmtree(out)  # what --overwrite replaces (an empty folder otherwise)
     elif out.exists():

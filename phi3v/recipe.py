@@ -66,10 +66,12 @@ def run_recipe(task: Task, args: RecipeArguments) -> dict[str, float | None]:
         return _run(task, args, state, progress, stop_request)
     except Exception as error:
         stop_request.abandon()
-        exit_within(EXIT_DEADLINE_S, 1)
-        if reported_here(error, progress, state.is_main_process):
-            report_failure(error, progress, args.output_dir, state.process_index)
-        stop_request.reported()
+        try:
+            exit_within(EXIT_DEADLINE_S, 1)
+            if reported_here(error, progress, state.is_main_process):
+                report_failure(error, progress, args.output_dir, state.process_index)
+        finally:
+            stop_request.reported()
         end_child_processes()
         sys.exit(1)
     finally:

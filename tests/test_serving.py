@@ -12,6 +12,7 @@ import pytest
 from tests.conftest import REPO, mounted_small_disk
 
 sys.path.insert(0, str(REPO / "benchmarks"))
+import serve_check  # noqa: E402
 from serve_check import LOG_TAIL_LINES, CheckFailed, living_members, run, stop_server  # noqa: E402
 
 # A stand-in server whose worker ignores SIGTERM, as a stuck engine process would.
@@ -36,9 +37,9 @@ def test_a_failed_step_shows_the_end_of_its_log(tmp_path):
     noisy = "for n in range(40): print('line', n)\nraise SystemExit('the reason it failed')"
     with pytest.raises(CheckFailed) as failed:
         run([sys.executable, "-c", noisy], tmp_path / "step.log")
-    message = str(failed.value)
-    assert "exited with 1" in message and "the reason it failed" in message
-    assert f"line {39 - LOG_TAIL_LINES + 2}" in message and f"line {39 - LOG_TAIL_LINES}\n" not in message
+    tail = failed.value.log_tail
+    assert "exited with 1" in str(failed.value) and tail[-1] == "the reason it failed"
+    assert len(tail) == LOG_TAIL_LINES and tail[0] == f"line {40 - LOG_TAIL_LINES + 1}"
 
 
 def test_a_disk_without_room_for_the_check_is_named_before_anything_is_written(tmp_path):
@@ -49,3 +50,19 @@ def test_a_disk_without_room_for_the_check_is_named_before_anything_is_written(t
     assert ended.returncode == 1
     last = ended.stdout.strip().splitlines()[-1]
     assert last.startswith(f"serving: FAILED (the disk holding {disk} has 0.0 GB free") and "--work" in last
+
+
+def test_the_checks_last_line_is_its_result_with_the_failed_steps_log_above_it(tmp_path, monkeypatch, capsys):
+    log = tmp_path / "export.log"
+    log.write_text("loading\nTraceback (most recent call last):\nOSError: the cause\n")
+
+    def failing_export(work):
+        raise serve_check.failed_with_log("-m phi3v.export ... exited with 1", log)
+
+    monkeypatch.setattr(serve_check, "require_disk_space", lambda work: None)
+    monkeypatch.setattr(serve_check, "prepare_export", failing_export)
+    monkeypatch.setattr(sys, "argv", ["serve_check.py", "--work", str(tmp_path)])
+    assert serve_check.main() == 1
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert printed[-2] == "  | OSError: the cause"
+    assert printed[-1].startswith("serving: FAILED (-m phi3v.export ... exited with 1") and str(tmp_path) in printed[-1]

@@ -33,6 +33,7 @@ class StopRequest:
         self.stopped_at_step: int | None = None  # set when training stopped for it, with a checkpoint
         self.failed = False  # the run failed: nothing is left to finish, a signal ends the process at once
         self.reporting = False  # ... but not before the failure's message is written
+        self._held: int | None = None  # a signal that came while it was
         self._received_at = 0.0
 
     def install(self) -> StopRequest:
@@ -55,18 +56,18 @@ class StopRequest:
         self.failed = self.reporting = True
 
     def reported(self) -> None:
-        """The failure's message is written: from now on a stop signal ends the process at once (no step will
-        finish, and the cleanup left may hang)."""
+        """The failure's message is written: a signal held meanwhile, and any later one, ends the process at once
+        (no step will finish, and the cleanup left may hang)."""
         self.reporting = False
+        if self._held is not None:
+            self._end_after_failure(self._held)
 
     def _handle(self, number: int, frame) -> None:
         now = time.monotonic()
         if self.reporting:
-            return
-        if self.failed:
-            os.write(2, f"\n{signal.Signals(number).name} received while the run stops after an error: exiting "
-                        "now.\n".encode())  # fmt: skip
-            self._end_now(number)
+            self._held = number
+        elif self.failed:
+            self._end_after_failure(number)
         elif self.signal is None:
             self.signal, self._received_at = number, now
             if not self.announce:
@@ -76,6 +77,11 @@ class StopRequest:
                         "checkpoint. Send it again to stop at once.\n".encode())  # fmt: skip
         elif now - self._received_at > SAME_SIGNAL_WINDOW_S:
             self._end_now(number)
+
+    def _end_after_failure(self, number: int) -> None:
+        os.write(2, f"\n{signal.Signals(number).name} received while the run stops after an error: exiting "
+                    "now.\n".encode())  # fmt: skip
+        self._end_now(number)
 
     @staticmethod
     def _end_now(number: int) -> None:

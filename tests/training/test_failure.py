@@ -7,6 +7,7 @@ import errno
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import torch
@@ -119,26 +120,32 @@ def test_cleanup_that_hangs_after_a_failure_is_cut_short():
     assert result.returncode == 3 and "Cleanup after the failure took over 1 s: exiting now" in result.stderr
 
 
-def test_a_stop_signal_after_the_run_failed_waits_for_its_message_then_ends_the_process_at_once():
+@pytest.mark.parametrize("when", ["while the message is written", "after it"])
+def test_a_stop_signal_after_the_run_failed_waits_for_its_message_then_ends_the_process_at_once(when):
     """torchrun sends SIGTERM to the other ranks the moment one exits: a rank writing why it stops finishes the
-    line; once it is written, a signal ends the cleanup at once."""
+    line, then the signal ends the process at once, as one that comes during the cleanup does."""
+    during = when == "while the message is written"
     script = textwrap.dedent(
-        """
+        f"""
         import os, signal, time
         from phi3v.training.preemption import StopRequest
 
         request = StopRequest().install()
         request.abandon()  # the run failed and is writing its message
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(0.5)
+        if {during}:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.5)
         print("the message", flush=True)
         request.reported()  # cleaning up
-        os.kill(os.getpid(), signal.SIGTERM)
+        if not {during}:
+            os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(10)
         print("not reached", flush=True)
         """
     )
+    started = time.monotonic()
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == -15 and "the message" in result.stdout and "not reached" not in result.stdout
+    assert time.monotonic() - started < 9  # not the sleep's end
     assert "SIGTERM received while the run stops after an error: exiting now" in result.stderr
     assert "finishing this step" not in result.stderr
