@@ -33,7 +33,7 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 MAX_SHARD_BYTES = 5 * 1024**3  # the official checkpoint's shards are 4.94 GB and 3.35 GB
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
 SMALL_FILES_BYTES = 256 * 1024  # configs, the shard index (50 kB for the official model), remote code (120 kB)
-_SPACE_ADVICE = (
+SPACE_ADVICE = (
     "Free space there, or pick an --out on another disk (an --overwrite replaces the old folder only once "
     "the new one is written)."
 )
@@ -130,17 +130,18 @@ def _export(
     leftovers = [name for name in weights if LEFTOVERS.search(name)]
     if leftovers:
         raise RuntimeError(f"Merging left adapter or quantization tensors behind: {leftovers[:5]}")
-    tokenizer_files = _tokenizer_files(trained, model_dir)
+    base = Path(trained.base) if trained.base and Path(trained.base).is_dir() else None  # a local base folder
+    tokenizer_files = _tokenizer_files(base, model_dir)
     _require_space(weights, tokenizer_files, partial, out)
     try:
         _write_shards(weights, partial)
         (partial / "config.json").write_text(json.dumps(official_config(model.config, dtype), indent=2) + "\n")
         _write_generation_config(model, trained.processor, partial)
-        _write_processor_files(trained, family_of(model.config), tokenizer_files, partial, out)
+        _write_processor_files(trained, family_of(model.config), base, tokenizer_files, partial, out)
     except Exception as error:  # safetensors' own error type, or an OSError (a hub fetch failing is a warning)
         if no_space_left(error):
             raise RecipeError(f"The disk holding --out {out} filled up while the export was written ({error}); "
-                              f"nothing was left behind. {_SPACE_ADVICE}") from error  # fmt: skip
+                              f"nothing was left behind. {SPACE_ADVICE}") from error  # fmt: skip
         raise
     if out.is_dir():
         shutil.rmtree(out)  # what --overwrite replaces (an empty folder otherwise)
@@ -159,12 +160,12 @@ def _export(
 def _require_space(weights: dict[str, torch.Tensor], tokenizer_files: list[Path], partial: Path, out: Path) -> None:
     """Refuse, before a byte is written, an export that does not fit on the disk that will hold --out (the folder
     it replaces is removed only once the new one is complete)."""
-    needed = sum(tensor.numel() * tensor.element_size() for tensor in weights.values())
+    needed = sum(tensor.nbytes for tensor in weights.values())
     needed += sum(file.stat().st_size for file in tokenizer_files) + SMALL_FILES_BYTES
     free = shutil.disk_usage(partial).free
     if free < needed:
         raise RecipeError(f"The export needs {_size(needed)} and the disk holding --out {out} has {_size(free)} "
-                          f"free. {_SPACE_ADVICE}")  # fmt: skip
+                          f"free. {SPACE_ADVICE}")  # fmt: skip
 
 
 def _size(nbytes: int) -> str:
@@ -176,7 +177,7 @@ def _write_shards(weights: dict[str, torch.Tensor], out: Path) -> None:
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name in sorted(weights):
-        nbytes = weights[name].numel() * weights[name].element_size()
+        nbytes = weights[name].nbytes
         if shards[-1] and size + nbytes > MAX_SHARD_BYTES:
             shards.append({})
             size = 0
@@ -187,7 +188,7 @@ def _write_shards(weights: dict[str, torch.Tensor], out: Path) -> None:
         filename = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
         save_file(shard, out / filename, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(shard, filename))
-    total = sum(t.numel() * t.element_size() for t in weights.values())
+    total = sum(tensor.nbytes for tensor in weights.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
@@ -202,19 +203,14 @@ def _write_generation_config(model, processor, out: Path) -> None:
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
 
 
-def _local_base(trained: Trained) -> Path | None:
-    return Path(trained.base) if trained.base and Path(trained.base).is_dir() else None
-
-
-def _tokenizer_files(trained: Trained, model_dir: Path) -> list[Path]:
+def _tokenizer_files(base: Path | None, model_dir: Path) -> list[Path]:
     """The tokenizer files the export copies: a local base folder's (the official ones), else the run's."""
-    base = _local_base(trained)
     source = base if base is not None and (base / "tokenizer_config.json").is_file() else model_dir
     return [source / name for name in TOKENIZER_FILES if (source / name).is_file()]
 
 
 def _write_processor_files(
-    trained: Trained, family: Family, tokenizer_files: list[Path], out: Path, final: Path
+    trained: Trained, family: Family, base: Path | None, tokenizer_files: list[Path], out: Path, final: Path
 ) -> None:
     """The tokenizer files; processor configs in the format of the model's family with the run's num_crops; the
     family's remote code."""
@@ -239,7 +235,7 @@ def _write_processor_files(
         processor = {"auto_map": {"AutoProcessor": family.processor_auto_map()["AutoProcessor"]},
                      "processor_class": "Phi3VProcessor"}  # fmt: skip
         (out / "processor_config.json").write_text(json.dumps(processor) + "\n")
-    _write_remote_code(family, trained.base, _local_base(trained), out, final)
+    _write_remote_code(family, trained.base, base, out, final)
 
 
 def _write_remote_code(family: Family, named_base: str | None, base: Path | None, out: Path, final: Path) -> None:
